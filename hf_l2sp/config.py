@@ -1,0 +1,98 @@
+"""SPConfig: TrainingArguments plus the regularizer's settings."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .parameters import INCLUDE_CHOICES
+from .regularizers import get_regularizer_class
+from .regularizers.base import check_coefficient
+
+
+@dataclass
+class SPConfig(TrainingArguments):
+    """`TrainingArguments` for `SPTrainer`: every Trainer option, plus the explicit inductive bias.
+
+    Parameters that control the regularizer:
+
+        regularizer (`str`, defaults to `"l2_sp"`):
+            Name of a registered regularizer: none, l2, l2_sp, l1_sp, group_lasso_sp, l2_sp_fisher.
+        sp_alpha (`float`, defaults to `0.1`):
+            alpha, the strength on the pretrained parameters S (the paper's Stanford Dogs value).
+        sp_beta (`float`, defaults to `0.01`):
+            beta, the L2 strength on the new parameters (the re-initialised head), as in the paper.
+        sp_include (`str`, defaults to `"weights"`):
+            `weights`: conv and linear weight tensors only (BatchNorm affine parameters and biases are free, as in
+            the paper's code); `all`: every trainable tensor (as tllib and the DELTA code do).
+        sp_reference (`str`, *optional*):
+            Checkpoint folder, weights file or Hub id to read w0 from. Default: snapshot the model's weights when
+            `SPTrainer` is built.
+        sp_reference_revision (`str`, *optional*):
+            Hub revision of `sp_reference`.
+        sp_fisher (`str`, *optional*):
+            Fisher-diagonal safetensors file (or folder / Hub repo holding `fisher.safetensors`) for `l2_sp_fisher`.
+        sp_head (`str`, *optional*):
+            Comma-separated module names of the new head; `none` for no head. Default: detected from the model.
+
+    NOTE: defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (image datasets keep their
+    raw columns for the lazy transform).
+    """
+
+    regularizer: str = field(
+        default="l2_sp",
+        metadata={"help": "Regularizer: none, l2, l2_sp, l1_sp, group_lasso_sp or l2_sp_fisher."},
+    )
+    sp_alpha: float = field(default=0.1, metadata={"help": "alpha: strength of the penalty on pretrained parameters."})
+    sp_beta: float = field(default=0.01, metadata={"help": "beta: L2 strength on the new head parameters."})
+    sp_include: str = field(
+        default="weights",
+        metadata={"help": "Penalised tensors: 'weights' (conv/linear weights, the paper) or 'all' (every tensor)."},
+    )
+    sp_reference: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder, file or Hub id holding w0. Default: snapshot of the model at start."},
+    )
+    sp_reference_revision: str | None = field(default=None, metadata={"help": "Hub revision of sp_reference."})
+    sp_fisher: str | None = field(
+        default=None, metadata={"help": "Fisher diagonal file, folder or Hub repo (for l2_sp_fisher)."}
+    )
+    sp_head: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated head module names, or 'none'. Default: detected from the model."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Drop dataset columns the model's forward does not take (False: keep them for transforms)."},
+    )
+
+    def __post_init__(self):
+        self._validate_sp()
+        super().__post_init__()
+
+    def _validate_sp(self) -> None:
+        regularizer_cls = get_regularizer_class(self.regularizer)  # raises with the valid names
+        self.sp_alpha = check_coefficient("sp_alpha", self.sp_alpha)
+        self.sp_beta = check_coefficient("sp_beta", self.sp_beta)
+        if self.sp_include not in INCLUDE_CHOICES:
+            raise ValueError(f"sp_include must be one of {', '.join(INCLUDE_CHOICES)}; got {self.sp_include!r}.")
+        if self.regularizer == "l2_sp_fisher" and not self.sp_fisher:
+            raise ValueError("regularizer='l2_sp_fisher' needs sp_fisher: a Fisher-diagonal file, folder or Hub repo "
+                             "(estimate one with `hf-l2sp fisher`).")
+        if self.sp_fisher and self.regularizer != "l2_sp_fisher":
+            raise ValueError(f"sp_fisher is only used by regularizer='l2_sp_fisher', not {self.regularizer!r}; "
+                             "remove sp_fisher or switch the regularizer.")
+        if self.weight_decay > 0 and regularizer_cls.pulls_to_source:
+            warnings.warn(
+                f"weight_decay={self.weight_decay} together with regularizer={self.regularizer!r}: the optimizer "
+                "shrinks weights toward 0 while the penalty pulls them toward their pretrained values w0, so the "
+                "backbone is shrunk twice and ends between the two. The paper uses no weight decay with *_sp "
+                "penalties; set weight_decay=0 (sp_beta already covers the new head).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+__all__ = ["SPConfig"]

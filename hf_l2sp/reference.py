@@ -1,0 +1,158 @@
+"""The anchor w0: a snapshot of the pretrained tensors, kept in fp32 outside the model's state dict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .parameters import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_MAX_LISTED = 5
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Reference:
+    """Anchors w0 by canonical parameter name (fp32), and where they came from (for logs and model cards)."""
+
+    tensors: dict[str, Tensor]
+    source: str
+    head_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def snapshot(cls, model: nn.Module, head_modules: list[str], device: torch.device | str | None = None,
+                 source: str | None = None) -> Reference:
+        """Copy every parameter of `model` except the head (fp32, detached, on `device`)."""
+        heads = head_parameter_names(model, head_modules)
+        tensors = {}
+        with torch.no_grad():
+            for name, param in unwrap_model(model).named_parameters():
+                cname = canonical_name(name)
+                if cname not in heads:
+                    tensors[cname] = param.detach().to(device=device or param.device, dtype=torch.float32,
+                                                       copy=True)
+        name = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or type(model).__name__
+        return cls(tensors, source or f"snapshot of {name} when SPTrainer was built", sorted(heads))
+
+    @classmethod
+    def from_checkpoint(cls, path_or_repo: str, model: nn.Module, head_modules: list[str],
+                        device: torch.device | str | None = None, revision: str | None = None) -> Reference:
+        """Load anchors from a checkpoint folder, weights file or Hub repo and check them against `model`.
+
+        Keys may carry the model's base prefix or not (timm files vs transformers files). Every trainable
+        non-head parameter must be present with the same shape; every parameter-like key of the file must exist
+        in the model; head tensors of another shape become new parameters (S-bar).
+        """
+        state = _read_state_dict(path_or_repo, revision)
+        inner = unwrap_model(model)
+        prefix = base_prefix(inner)
+        heads = head_parameter_names(model, head_modules)
+        params = {checkpoint_key(n, prefix): (canonical_name(n), p) for n, p in inner.named_parameters()}
+        buffers = {checkpoint_key(n, prefix) for n, _ in inner.named_buffers()}
+
+        unexpected, wrong_shape, tensors = [], [], {}
+        for key, value in state.items():
+            key = checkpoint_key(key, prefix)
+            if key in buffers:
+                continue
+            if key not in params:
+                unexpected.append(key)
+                continue
+            cname, param = params[key]
+            if tuple(value.shape) != tuple(param.shape):
+                if cname not in heads:
+                    wrong_shape.append(f"{key}: reference {tuple(value.shape)} vs model {tuple(param.shape)}")
+                continue
+            tensors[cname] = value.detach().to(device=device or "cpu", dtype=torch.float32)
+        missing = [k for k, (c, p) in params.items() if p.requires_grad and c not in heads and c not in tensors]
+        problems = []
+        if unexpected:
+            problems.append(f"keys not in the model: {_first(unexpected)}")
+        if missing:
+            problems.append(f"model parameters missing from the reference: {_first(missing)}")
+        if wrong_shape:
+            problems.append(f"shape mismatches outside the head: {_first(wrong_shape)}")
+        if problems:
+            raise ValueError(
+                f"sp_reference {path_or_repo!r} does not match {type(inner).__name__}: " + "; ".join(problems)
+                + ". Point sp_reference at the checkpoint this model was initialised from."
+            )
+        source = path_or_repo + (f"@{revision}" if revision else "")
+        return cls(tensors, source, sorted(c for c, _ in params.values() if c not in tensors))
+
+    def fingerprint(self) -> str:
+        """SHA-256 over names, shapes and bytes of the anchors (to verify an anchor restored later)."""
+        digest = hashlib.sha256()
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].detach().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(json.dumps(list(tensor.shape)).encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def _read_state_dict(path_or_repo: str, revision: str | None) -> dict[str, Tensor]:
+    path = Path(path_or_repo)
+    if path.is_file():
+        return _load_weights_file(path)
+    if path.is_dir():
+        return _load_folder(path)
+    if not _HUB_ID.match(path_or_repo):
+        raise FileNotFoundError(f"sp_reference {path_or_repo!r} is neither a file, a folder nor a Hub repo id.")
+    return _load_folder(_download(path_or_repo, revision))
+
+
+def _load_weights_file(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix in (".bin", ".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state) if isinstance(state, dict) else state
+    raise ValueError(f"Unsupported weights file {path.name!r}; expected .safetensors, .bin, .pt or .pth.")
+
+
+def _load_folder(folder: Path) -> dict[str, Tensor]:
+    for index_name in _INDEX_FILES:
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(_load_weights_file(folder / shard))
+            return state
+    for name in _WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _load_weights_file(folder / name)
+    raise FileNotFoundError(f"No weights file ({', '.join(_WEIGHT_FILES)}) in {str(folder)!r}.")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = ("HF_HUB_OFFLINE is set and the repo is not in the local cache" if offline
+                else "the Hub could not be reached or the repo does not exist")
+        raise OSError(f"Could not fetch sp_reference {repo_id!r}: {hint}. Download it once with network access "
+                      f"or pass a local folder. ({type(err).__name__}: {err})") from err

@@ -1,0 +1,92 @@
+"""What every regularizer shares: coefficients, the head term, and the output it hands the trainer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .kernels import half_squared_distance
+
+if TYPE_CHECKING:
+    from ..config import SPConfig
+    from ..parameters import SPParameters
+
+PAPER_CITATION = """@inproceedings{li2018explicit,
+  title     = {Explicit Inductive Bias for Transfer Learning with Convolutional Networks},
+  author    = {Li, Xuhong and Grandvalet, Yves and Davoine, Franck},
+  booktitle = {Proceedings of the 35th International Conference on Machine Learning (ICML)},
+  pages     = {2825--2834},
+  year      = {2018},
+  eprint    = {1802.01483},
+  archivePrefix = {arXiv}
+}"""
+
+
+@dataclass
+class PenaltyTerms:
+    """One evaluation of a regularizer.
+
+    penalty: the whole Omega(w) (differentiable, fp32, 0-dim); head_penalty: its beta/2 ||w_new||^2 part
+    (detached); distance: ||w_S - w0_S||_2 over the anchored tensors (detached).
+    """
+
+    penalty: Tensor
+    head_penalty: Tensor
+    distance: Tensor
+
+
+def check_coefficient(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return value
+
+
+class Regularizer:
+    """Base class. Omega(w) = anchored_penalty(w_S, w0_S) + beta/2 ||w_new||^2.
+
+    Subclasses set ``formula`` (plain-text, used in logs and model cards) and implement ``anchored_penalty``.
+    ``name`` is set by ``@register_regularizer``.
+    """
+
+    name: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+    citation: ClassVar[str] = PAPER_CITATION
+    #: True when the penalty pulls toward the pretrained weights (then optimizer weight decay fights it).
+    pulls_to_source: ClassVar[bool] = True
+
+    def __init__(self, alpha: float = 0.0, beta: float = 0.0):
+        self.alpha = check_coefficient("sp_alpha", alpha)
+        self.beta = check_coefficient("sp_beta", beta)
+
+    @classmethod
+    def from_config(cls, args: SPConfig) -> Regularizer:
+        return cls(alpha=args.sp_alpha, beta=args.sp_beta)
+
+    def prepare(self, params: SPParameters) -> None:
+        """Called once each time the trainer (re)resolves the parameter sets; validate and cache per-tensor state."""
+
+    def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(differentiable penalty on S, squared distance ||w_S - w0_S||^2 detached)."""
+        raise NotImplementedError
+
+    def __call__(self, params: SPParameters) -> PenaltyTerms:
+        anchored, sq_distance = self.anchored_penalty(params.anchored, params.anchors)
+        head_value, _ = half_squared_distance(params.head)
+        head = self.beta * head_value
+        return PenaltyTerms(penalty=anchored + head, head_penalty=head.detach(), distance=sq_distance.sqrt())
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha, "beta": self.beta}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.config_dict().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+def zeros_like_scalar(device: torch.device | None = None) -> Tensor:
+    return torch.zeros((), dtype=torch.float32, device=device)

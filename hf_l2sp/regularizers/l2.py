@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import Regularizer
+from .kernels import half_squared_distance
+from .registry import register_regularizer
+
+
+@register_regularizer("l2")
+class L2(Regularizer):
+    """Weight decay toward zero, the paper's baseline.
+
+    Omega(w) = alpha/2 ||w_S||^2 + beta/2 ||w_new||^2
+
+    S: tensors with a pretrained counterpart; new: the re-initialised head. Sums run over elements.
+    """
+
+    formula = "Omega(w) = alpha/2 * ||w_S||^2 + beta/2 * ||w_new||^2"
+    pulls_to_source = False
+
+    def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        value, _ = half_squared_distance(params)
+        # The anchors are only read for the logged distance.
+        _, sq_distance = half_squared_distance([p.detach() for p in params], anchors)
+        return self.alpha * value, sq_distance

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import Regularizer
+from .kernels import half_squared_distance
+from .registry import register_regularizer
+
+
+@register_regularizer("l2_sp")
+class L2SP(Regularizer):
+    """L2-SP, the paper's recommended baseline: pull the backbone toward its pretrained values w0.
+
+    Omega(w) = alpha/2 ||w_S - w0_S||^2 + beta/2 ||w_new||^2
+
+    Gradient on S: alpha (w - w0); on the new head: beta w.
+    """
+
+    formula = "Omega(w) = alpha/2 * ||w_S - w0_S||^2 + beta/2 * ||w_new||^2"
+
+    def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        value, sq_distance = half_squared_distance(params, anchors)
+        return self.alpha * value, sq_distance

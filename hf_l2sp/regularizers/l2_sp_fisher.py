@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..fisher_io import FisherDiagonal, load_fisher
+from ..parameters import SPParameters
+from .base import Regularizer
+from .kernels import half_squared_distance
+from .registry import register_regularizer
+
+
+@register_regularizer("l2_sp_fisher")
+class L2SPFisher(Regularizer):
+    """L2-SP weighted by the diagonal Fisher information of the source model at w0 (EWC-style).
+
+    Omega(w) = alpha/2 sum_{j in S} F_j (w_j - w0_j)^2 + beta/2 ||w_new||^2
+
+    F_j = (1/m) sum_i sum_k p_k(x_i) (d log p_k(x_i) / d w_j)^2, estimated on source data at w0 with the source
+    head. F is used raw (as in the paper) unless the file says it was normalized. Every anchored tensor needs an
+    entry of the same shape in the Fisher file; extra entries (e.g. the source head) are ignored.
+    """
+
+    formula = "Omega(w) = alpha/2 * sum_j F_j (w_j - w0_j)^2 + beta/2 * ||w_new||^2"
+
+    def __init__(self, alpha: float = 0.0, beta: float = 0.0, fisher: FisherDiagonal | None = None):
+        super().__init__(alpha, beta)
+        if fisher is None:
+            raise ValueError("l2_sp_fisher needs a Fisher diagonal: set sp_fisher to a Fisher file or Hub repo.")
+        self.fisher = fisher
+        self._weights: list[Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, args) -> L2SPFisher:
+        return cls(alpha=args.sp_alpha, beta=args.sp_beta, fisher=load_fisher(args.sp_fisher))
+
+    def prepare(self, params: SPParameters) -> None:
+        self._weights = self.fisher.aligned_to(params.anchored_keys, [a.shape for a in params.anchors],
+                                               device=params.anchors[0].device if params.anchors else None)
+
+    def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        if self._weights is None:
+            raise RuntimeError("L2SPFisher.prepare() must run before the penalty is evaluated.")
+        value, sq_distance = half_squared_distance(params, anchors, self._weights)
+        return self.alpha * value, sq_distance
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**super().config_dict(), "fisher": self.fisher.source}
+
+
+__all__ = ["L2SPFisher"]

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import torch
+
+from ..parameters import SPParameters
+from .base import PenaltyTerms, Regularizer
+from .registry import register_regularizer
+
+
+@register_regularizer("none")
+class NoRegularizer(Regularizer):
+    """Plain fine-tuning: Omega(w) = 0. ``sp_alpha``/``sp_beta`` are ignored; ``sp/distance`` is still logged."""
+
+    formula = "Omega(w) = 0"
+    pulls_to_source = False
+
+    def __call__(self, params: SPParameters) -> PenaltyTerms:
+        with torch.no_grad():
+            if params.anchored:
+                diffs = torch._foreach_sub([p.detach().float() for p in params.anchored], params.anchors)
+                distance = torch.stack(torch._foreach_norm(diffs)).square().sum().sqrt()
+            else:
+                distance = torch.zeros(())
+        zero = torch.zeros((), dtype=torch.float32, device=distance.device)
+        return PenaltyTerms(penalty=zero, head_penalty=zero, distance=distance)

@@ -1,0 +1,173 @@
+"""SPTrainer: `transformers.Trainer` with the explicit inductive bias added to the training loss."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+
+from .config import SPConfig
+from .parameters import (
+    SPParameters,
+    find_head_modules,
+    parse_head_option,
+    resolve_parameters,
+    validate_head_modules,
+)
+from .reference import Reference
+from .regularizers import PenaltyTerms, Regularizer, get_regularizer_class
+
+logger = logging.getLogger(__name__)
+
+#: Order of the accumulated log values.
+SP_LOG_KEYS = ("sp/penalty", "sp/head_penalty", "sp/distance")
+
+
+class SPTrainer(Trainer):
+    """A drop-in `Trainer` whose training loss is `task loss + Omega(w)` (Li et al., ICML 2018).
+
+    Use it exactly like `Trainer`, with an `SPConfig` instead of `TrainingArguments`. At construction it snapshots
+    the pretrained tensors w0 (fp32, on the training device, outside the model) or loads them from
+    `args.sp_reference`. In every training forward it adds the regularizer's Omega, once per optimizer step whatever
+    the gradient accumulation and model class; evaluation losses never include it. It logs `sp/penalty` (Omega),
+    `sp/head_penalty` (its beta part) and `sp/distance` (||w_S - w0_S||_2), averaged over each logging window.
+
+    Args:
+        regularizer: a ready `Regularizer` to use instead of the one named by `args.regularizer`.
+        reference: a ready `Reference` (anchors) instead of a snapshot / `args.sp_reference`.
+        Every other argument is `Trainer`'s.
+    """
+
+    _tag_names = ["hf_l2sp", "transfer-learning"]
+
+    def __init__(self, model=None, args: SPConfig | None = None, *trainer_args,
+                 regularizer: Regularizer | None = None, reference: Reference | None = None, **trainer_kwargs):
+        if args is None:
+            args = SPConfig(output_dir="sp_trainer_output")
+        if not isinstance(args, SPConfig):
+            raise TypeError(
+                f"SPTrainer needs an SPConfig, got {type(args).__name__}. Replace TrainingArguments(...) with "
+                "SPConfig(...): it takes the same arguments plus regularizer, sp_alpha, sp_beta, ..."
+            )
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self.regularizer = regularizer or get_regularizer_class(args.regularizer).from_config(args)
+        self._given_reference = reference
+        self._sp_params: SPParameters | None = None
+        self._sp_params_model_id: int | None = None
+        self._reset_sp_logs()
+        self._sp_bad_step: Tensor | None = None
+        if self.model is not None:  # with model_init the model (and its anchor) comes in call_model_init
+            self._anchor(self.model)
+            if hasattr(self.model, "add_model_tags"):
+                self.model.add_model_tags(self._tag_names + [f"regularizer:{self.regularizer.name}"])
+
+    # ---- anchor -------------------------------------------------------------------------------------------------
+
+    def _anchor(self, model: nn.Module) -> None:
+        head_modules = parse_head_option(self.args.sp_head)
+        if head_modules is None:
+            head_modules = find_head_modules(model)
+        else:
+            validate_head_modules(model, head_modules)
+        if self._given_reference is not None:
+            self.sp_reference = self._given_reference
+        elif self.args.sp_reference:
+            self.sp_reference = Reference.from_checkpoint(self.args.sp_reference, model, head_modules,
+                                                          self.args.device, self.args.sp_reference_revision)
+        else:
+            self.sp_reference = Reference.snapshot(model, head_modules, self.args.device)
+        self._sp_params = None
+        sets = self.sp_parameters(model)
+        logger.info("hf_l2sp: %s on %s; anchor: %s", self.regularizer, sets.summary(), self.sp_reference.source)
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        self._anchor(model)
+        return model
+
+    def sp_parameters(self, model: nn.Module | None = None) -> SPParameters:
+        """The (anchored, head) parameter sets for `model` (any wrapper), resolved once per model object.
+
+        Call `refresh_sp_parameters()` after changing which parameters require grad.
+        """
+        model = model if model is not None else self.model
+        if self._sp_params is None or self._sp_params_model_id != id(model):
+            self._sp_params = resolve_parameters(model, self.sp_reference.tensors, self.args.sp_include)
+            self._sp_params_model_id = id(model)
+            self.regularizer.prepare(self._sp_params)
+        return self._sp_params
+
+    def refresh_sp_parameters(self) -> None:
+        self._sp_params = None
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            with torch.autocast(device_type=self.args.device.type, enabled=False):
+                terms = self.regularizer(self.sp_parameters(model))
+            loss = loss + terms.penalty.to(loss.device) * self._penalty_scale(num_items_in_batch)
+            self._record(terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _penalty_scale(self, num_items_in_batch) -> float:
+        """Factor that makes Omega enter each optimizer step exactly once.
+
+        `training_step` divides the returned loss by the number of accumulation steps only when it does not consider
+        it already scaled (models that normalise by `num_items_in_batch`, or a `compute_loss_func`). In that case
+        we divide Omega ourselves. Omega is never multiplied by the number of processes: every rank computes the
+        same Omega and DDP averages the identical gradients.
+        """
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return 1.0 / getattr(self, "current_gradient_accumulation_steps", 1) if scaled else 1.0
+
+    # ---- logging and safety -------------------------------------------------------------------------------------
+
+    def _reset_sp_logs(self) -> None:
+        self._sp_sums: Tensor | None = None
+        self._sp_count = 0
+
+    def _record(self, terms: PenaltyTerms) -> None:
+        """Accumulate on device (no host sync); remember the first optimizer step whose Omega is not finite."""
+        penalty = terms.penalty.detach()
+        values = torch.stack([penalty, terms.head_penalty.to(penalty.device), terms.distance.to(penalty.device)])
+        if self._sp_sums is None:
+            self._sp_sums = torch.zeros_like(values)
+        self._sp_sums += values
+        self._sp_count += 1
+        if self._sp_bad_step is None:
+            self._sp_bad_step = torch.full((), -1, dtype=torch.long, device=penalty.device)
+        newly_bad = ~torch.isfinite(penalty) & (self._sp_bad_step < 0)
+        self._sp_bad_step = torch.where(newly_bad, self.state.global_step + 1, self._sp_bad_step)
+
+    def _check_penalty_finite(self) -> None:
+        if self._sp_bad_step is not None and (step := int(self._sp_bad_step)) >= 0:
+            raise FloatingPointError(
+                f"The {self.regularizer.name} penalty became NaN/inf at optimizer step {step} "
+                f"({self.regularizer}). Training stopped before anything else was saved; lower the learning rate or "
+                "sp_alpha, or check the inputs of that step."
+            )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._sp_count and "loss" in logs:  # a training log: flush the window's averages
+            self._check_penalty_finite()
+            means = (self._sp_sums / self._sp_count).tolist()
+            logs.update({key: round(value, 8) for key, value in zip(SP_LOG_KEYS, means)})
+            self._reset_sp_logs()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        self._check_penalty_finite()
+        return super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        self._check_penalty_finite()
+        return super().save_model(output_dir, _internal_call)

@@ -1,0 +1,51 @@
+"""Small real models and datasets for the tests (random init, no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, ViTConfig, ViTForImageClassification
+
+from hf_l2sp import SPConfig
+
+
+def timm_classifier(architecture: str = "test_resnet", num_labels: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    labels = {i: f"class_{i}" for i in range(num_labels)}
+    config = TimmWrapperConfig(architecture=architecture, num_labels=num_labels, id2label=labels,
+                               label2id={v: k for k, v in labels.items()})
+    return TimmWrapperForImageClassification(config)
+
+
+def vit_classifier(num_labels: int = 3, seed: int = 0, image_size: int = 16):
+    """A native transformers image classifier (accepts loss kwargs, LayerNorm only: batch-size independent)."""
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, num_labels=num_labels)
+    return ViTForImageClassification(config)
+
+
+def tensor_dataset(n: int = 16, num_labels: int = 3, size: int = 32, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    ds = Dataset.from_dict({
+        "pixel_values": rng.standard_normal((n, 3, size, size)).astype("float32"),
+        "labels": (np.arange(n) % num_labels).astype("int64"),
+    })
+    return ds.with_format("torch")
+
+
+def sp_config(tmp_path, **overrides) -> SPConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no", max_steps=2,
+        per_device_train_batch_size=4, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
+        logging_steps=1, disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0,
+        regularizer="l2_sp", sp_alpha=0.1, sp_beta=0.01,
+    )
+    kwargs.update(overrides)
+    return SPConfig(**kwargs)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
