@@ -60,9 +60,10 @@ class Reference:
         params = {checkpoint_key(n, prefix): (canonical_name(n), p) for n, p in inner.named_parameters()}
         buffers = {checkpoint_key(n, prefix) for n, _ in inner.named_buffers()}
 
-        unexpected, wrong_shape, tensors = [], [], {}
+        unexpected, wrong_shape, tensors, seen = [], [], {}, set()
         for key, value in state.items():
             key = checkpoint_key(key, prefix)
+            seen.add(key)
             if key in buffers:
                 continue
             if key not in params:
@@ -74,7 +75,7 @@ class Reference:
                     wrong_shape.append(f"{key}: reference {tuple(value.shape)} vs model {tuple(param.shape)}")
                 continue
             tensors[cname] = value.detach().to(device=device or "cpu", dtype=torch.float32)
-        missing = [k for k, (c, p) in params.items() if p.requires_grad and c not in heads and c not in tensors]
+        missing = [k for k, (c, p) in params.items() if p.requires_grad and c not in heads and k not in seen]
         problems = []
         if unexpected:
             problems.append(f"keys not in the model: {_first(unexpected)}")

@@ -41,7 +41,7 @@ def sp_config(tmp_path, **overrides) -> SPConfig:
         output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no", max_steps=2,
         per_device_train_batch_size=4, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
         logging_steps=1, disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0,
-        regularizer="l2_sp", sp_alpha=0.1, sp_beta=0.01,
+        regularizer="l2_sp", sp_alpha=0.1, sp_beta=0.01, max_grad_norm=0.0,
     )
     kwargs.update(overrides)
     return SPConfig(**kwargs)
