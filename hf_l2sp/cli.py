@@ -1,39 +1,49 @@
-"""`hf-l2sp` command line: a thin dispatcher over subcommands."""
+"""`hf-l2sp` command line: a thin dispatcher over `hf_l2sp.commands.*`.
+
+Errors a user can cause (bad recipe, unreachable dataset, mismatched weights...) are printed as one line and exit
+with status 2; set HF_L2SP_DEBUG=1 to see the traceback.
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import os
 import sys
 
+COMMANDS = {
+    "train": ("hf_l2sp.commands.train", "Fine-tune a pretrained backbone on an image dataset with an SP regularizer."),
+    "demo": ("hf_l2sp.commands.demo", "Offline demo: ImageNet Lite0 on real digits, L2-SP beside L2."),
+    "regularizers": ("hf_l2sp.commands.info", "List the registered regularizers and their formulas."),
+    "version": ("hf_l2sp.commands.info", "Print the hf_l2sp version."),
+}
 
-def _cmd_regularizers(_args: argparse.Namespace) -> int:
-    from .regularizers import REGULARIZERS
-
-    for name in sorted(REGULARIZERS):
-        print(f"{name:16s} {REGULARIZERS[name].formula}")
-    return 0
-
-
-def _cmd_version(_args: argparse.Namespace) -> int:
-    from . import __version__
-
-    print(__version__)
-    return 0
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, FloatingPointError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-l2sp", description="L2-SP fine-tuning for timm and transformers.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("regularizers", help="List the registered regularizers and their formulas.").set_defaults(
-        func=_cmd_regularizers
-    )
-    commands.add_parser("version", help="Print the hf_l2sp version.").set_defaults(func=_cmd_version)
-    return parser
+def usage() -> str:
+    lines = ["usage: hf-l2sp <command> [options]   (hf-l2sp <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:14s}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"hf-l2sp: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, "main") if name not in ("regularizers", "version") else getattr(module, name)
+    try:
+        return entry(rest) or 0
+    except USER_ERRORS as err:
+        if os.environ.get("HF_L2SP_DEBUG"):
+            raise
+        print(f"hf-l2sp {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""Dataclass arguments from a YAML recipe plus command-line overrides (`--config recipe.yaml --field value`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used as is."""
+
+
+def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) -> HfArgumentParser:
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser.add_argument("--config", default=None, help="YAML recipe: keys are the options below; flags override it.")
+    return parser
+
+
+def read_recipe(path: str, dataclass_types: tuple[type, ...]) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"Recipe {path!r} does not exist.")
+    recipe = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Recipe {path!r} must be a mapping of option: value, not {type(recipe).__name__}.")
+    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise RecipeError(f"Recipe {path!r} has keys no option knows: {', '.join(unknown)}. "
+                          "See `hf-l2sp train --help` for the valid options.")
+    return recipe
+
+
+def parse_with_recipe(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: str, description: str):
+    """Instances of `dataclass_types`, from the YAML given by --config (defaults) and the flags (overrides)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = make_parser(dataclass_types, prog, description)
+    if known.config:
+        parser.set_defaults(**read_recipe(known.config, dataclass_types))
+    outputs = parser.parse_args_into_dataclasses(args=rest)
+    return outputs[: len(dataclass_types)]

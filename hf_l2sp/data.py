@@ -1,0 +1,297 @@
+"""Image classification data from the Hub or local folders: columns, labels, splits, few-shot subsets, transforms."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset, load_from_disk
+
+from . import assets
+
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+AUGMENTATIONS = ("timm", "paper", "none")
+ROW = "__row__"
+
+
+@dataclass
+class DataArguments:
+    """Which images to train on and how to feed them."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, or a local folder (imagefolder, parquet repo, save_to_disk)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub revision of the dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "Validation split; default: validation/valid/val/dev, else carved from train."}
+    )
+    test_split: str | None = field(default=None, metadata={"help": "Test split; default: 'test' when present."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of train held out (stratified, seeded) when there is no validation split."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column; default: the Image feature."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column; default: the ClassLabel feature."})
+    max_train_samples_per_class: int | None = field(
+        default=None, metadata={"help": "Few-shot: keep at most this many training images per class (seeded)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation and test sizes."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Square input size; default: the model's own data config."}
+    )
+    augmentation: str = field(
+        default="timm",
+        metadata={"help": "Training augmentation: 'timm' (model data config), 'paper' (256 warp, 224 crop, flip, "
+                          "colour jitter) or 'none'."},
+    )
+    skip_bad_images: bool = field(
+        default=False, metadata={"help": "Drop rows whose image cannot be decoded (scans every image once)."}
+    )
+
+    def __post_init__(self):
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}.")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1); got {self.validation_fraction}.")
+        for name in ("max_train_samples_per_class", "max_eval_samples", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when set; got {value}.")
+
+
+@dataclass
+class ImageData:
+    """Splits ready for transforms: `train`, `validation` and maybe `test`, with integer labels in `label_column`."""
+
+    splits: DatasetDict
+    image_column: str
+    label_column: str
+    label_names: list[str]
+    description: dict = field(default_factory=dict)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+
+def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
+    """Load, check and split an image classification dataset (see `DataArguments`)."""
+    if not args.dataset_name:
+        raise ValueError("dataset_name is required: a Hub dataset id or a local folder.")
+    raw = _load_raw(args)
+    train_name = args.train_split
+    if train_name not in raw:
+        raise ValueError(f"Split {train_name!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
+    image_col = _image_column(raw[train_name], args.image_column)
+    label_col, names, raw = _label_column(raw, train_name, args.label_column)
+
+    val_name = _pick_split(raw, args.validation_split, VALIDATION_NAMES, "validation_split")
+    test_name = _pick_split(raw, args.test_split, ("test",), "test_split")
+    splits = {"train": raw[train_name]}
+    if test_name:
+        splits["test"] = raw[test_name]
+    if val_name:
+        splits["validation"] = raw[val_name]
+    for name, ds in splits.items():
+        _check_labels(ds, label_col, len(names), name)
+    splits = {name: ds.add_column(ROW, list(range(len(ds)))) for name, ds in splits.items()}
+    if not val_name:
+        carved = splits["train"].train_test_split(test_size=args.validation_fraction, seed=seed,
+                                                  stratify_by_column=label_col)
+        splits["train"], splits["validation"] = carved["train"], carved["test"]
+    if args.max_train_samples_per_class:
+        splits["train"] = few_shot_subset(splits["train"], label_col, args.max_train_samples_per_class, seed)
+    if args.max_eval_samples:
+        for name in ("validation", "test"):
+            if name in splits and len(splits[name]) > args.max_eval_samples:
+                splits[name] = splits[name].shuffle(seed=seed).select(range(args.max_eval_samples))
+    splits = {name: ds.cast_column(image_col, Image(decode=False)) for name, ds in splits.items()}
+    skipped = {}
+    if args.skip_bad_images:
+        for name, ds in splits.items():
+            kept = ds.filter(lambda batch: [_decodable(x) for x in batch[image_col]], batched=True)
+            skipped[name], splits[name] = len(ds) - len(kept), kept
+    description = {
+        "dataset": args.dataset_name, "config": args.dataset_config_name, "revision": args.dataset_revision,
+        "splits": {"train": train_name, "validation": val_name or f"{args.validation_fraction:g} of {train_name}",
+                   "test": test_name},
+        "num_examples": {name: len(ds) for name, ds in splits.items()},
+        "num_classes": len(names), "max_train_samples_per_class": args.max_train_samples_per_class,
+        "image_column": image_col, "label_column": label_col, "skipped_bad_images": skipped,
+    }
+    return ImageData(DatasetDict(splits), image_col, label_col, names, description)
+
+
+def _load_raw(args: DataArguments) -> DatasetDict:
+    location = assets.resolve(args.dataset_name)  # embedded offline datasets ('hf_l2sp:digits')
+    path = Path(location).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            raw = load_from_disk(str(path))
+        else:
+            raw = load_dataset(location, args.dataset_config_name, revision=args.dataset_revision)
+    except (FileNotFoundError, ConnectionError) as err:
+        if path.exists():
+            raise ValueError(f"Could not read dataset folder {str(path)!r}: {err}") from err
+        offline = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0")).lower()
+        hint = ("offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1) and it is not cached; run once with "
+                "network access, or point dataset_name at a local folder" if offline not in ("0", "", "false")
+                else "the Hub could not be reached or has no such dataset; check the id, or use a local folder")
+        raise ValueError(f"Could not load dataset {args.dataset_name!r}: {hint}. ({type(err).__name__}: {err})") from err
+    return DatasetDict({"train": raw}) if isinstance(raw, Dataset) else raw
+
+
+def _describe_features(ds: Dataset) -> str:
+    return ", ".join(f"{name}: {type(feature).__name__}" for name, feature in ds.features.items())
+
+
+def _image_column(ds: Dataset, override: str | None) -> str:
+    if override:
+        if override not in ds.features:
+            raise ValueError(f"image_column {override!r} is not a column. Columns: {_describe_features(ds)}.")
+        if not isinstance(ds.features[override], Image):
+            raise ValueError(f"image_column {override!r} is not an Image feature. Columns: {_describe_features(ds)}.")
+        return override
+    found = [n for n, f in ds.features.items() if isinstance(f, Image)]
+    if len(found) != 1:
+        what = "no Image column" if not found else f"several Image columns ({', '.join(found)})"
+        raise ValueError(f"Dataset has {what}; set image_column. Columns: {_describe_features(ds)}.")
+    return found[0]
+
+
+def _label_column(raw: DatasetDict, train: str, override: str | None) -> tuple[str, list[str], DatasetDict]:
+    ds = raw[train]
+    if override:
+        if override not in ds.features:
+            raise ValueError(f"label_column {override!r} is not a column. Columns: {_describe_features(ds)}.")
+        col = override
+    else:
+        found = [n for n, f in ds.features.items() if isinstance(f, ClassLabel)]
+        if len(found) > 1:
+            raise ValueError(f"Dataset has several ClassLabel columns ({', '.join(found)}); set label_column. "
+                             f"Columns: {_describe_features(ds)}.")
+        col = found[0] if found else next((n for n in ("label", "labels") if n in ds.features), None)
+        if col is None:
+            raise ValueError(f"Dataset has no label column (no ClassLabel, no 'label'); set label_column. "
+                             f"Columns: {_describe_features(ds)}.")
+    feature = ds.features[col]
+    if isinstance(feature, ClassLabel):
+        return col, list(feature.names), raw
+    if not isinstance(feature, Value):
+        raise ValueError(f"label_column {col!r} holds {type(feature).__name__}, not class labels.")
+    values = sorted({v for split in raw.values() if col in split.features for v in split[col]})
+    names = [str(v) for v in values]
+    if feature.dtype.startswith("int"):
+        if values and values[0] < 0:
+            raise ValueError(f"label_column {col!r} has negative labels ({values[0]}); labels must be 0..K-1.")
+        names = [str(i) for i in range(int(values[-1]) + 1)] if values else []
+    class_label = ClassLabel(names=names)
+    mapping = {v: class_label.str2int(str(v)) for v in values}
+    converted = DatasetDict({
+        name: split.map(lambda b: {col: [mapping[v] for v in b[col]]}, batched=True).cast_column(col, class_label)
+        if col in split.features else split
+        for name, split in raw.items()
+    })
+    return col, names, converted
+
+
+def _pick_split(raw: DatasetDict, requested: str | None, defaults: tuple[str, ...], option: str) -> str | None:
+    if requested:
+        if requested not in raw:
+            raise ValueError(f"{option} {requested!r} not found; splits: {sorted(raw)}.")
+        return requested
+    return next((name for name in defaults if name in raw), None)
+
+
+def _check_labels(ds: Dataset, col: str, num_classes: int, split: str) -> None:
+    if col not in ds.features:
+        raise ValueError(f"Split {split!r} has no label column {col!r}. Columns: {_describe_features(ds)}.")
+    labels = np.asarray(ds[col])
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ValueError(f"Split {split!r} has {bad.size} labels outside 0..{num_classes - 1} "
+                         f"(e.g. {sorted(set(bad.tolist()))[:5]}); unlabeled or corrupt rows must be removed.")
+
+
+def few_shot_subset(ds: Dataset, label_col: str, per_class: int, seed: int) -> Dataset:
+    """At most `per_class` rows of each class, drawn with `seed`, in the dataset's order."""
+    labels = np.asarray(ds[label_col])
+    order = np.random.default_rng(seed).permutation(len(labels))
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        if taken.get(labels[i], 0) < per_class:
+            taken[labels[i]] = taken.get(labels[i], 0) + 1
+            keep.append(int(i))
+    return ds.select(sorted(keep))
+
+
+def _decodable(value) -> bool:
+    try:
+        Image().decode_example(value).load()
+        return True
+    except Exception:
+        return False
+
+
+def build_transforms(data_config: dict, augmentation: str = "timm", image_size: int | None = None):
+    """(train, eval) torchvision transforms from a timm data config (input_size, mean, std, interpolation, crop)."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    config = dict(data_config)
+    if image_size:
+        config["input_size"] = (3, image_size, image_size)
+    size = config["input_size"][-1]
+    eval_tf = create_transform(**config, is_training=False)
+    if augmentation == "timm":
+        train_tf = create_transform(**config, is_training=True)
+    elif augmentation == "paper":  # Li et al.: warp to 256x256, random 224 crop, mirror, colour jitter
+        resize = round(size / 0.875)
+        normalize = T.Normalize(config["mean"], config["std"])
+        train_tf = T.Compose([T.Resize((resize, resize)), T.RandomCrop(size), T.RandomHorizontalFlip(),
+                              T.ColorJitter(brightness=63 / 255, contrast=(0.2, 1.8), saturation=(0.5, 1.5)),
+                              T.ToTensor(), normalize])
+        eval_tf = T.Compose([T.Resize((resize, resize)), T.CenterCrop(size), T.ToTensor(), normalize])
+    else:
+        train_tf = eval_tf
+    return train_tf, eval_tf
+
+
+def _transform(image_col: str, label_col: str, tf: Callable, split: str):
+    decoder = Image()
+
+    def apply(batch):
+        pixels = []
+        for value, row in zip(batch[image_col], batch[ROW]):
+            try:
+                image = decoder.decode_example(value) if isinstance(value, dict) else value
+                image = image.convert("RGB")
+            except Exception as err:
+                raise ValueError(f"Cannot decode the image in row {row} of split {split!r} ({type(err).__name__}: "
+                                 f"{err}). Fix or remove it, or pass skip_bad_images=True to drop such rows.") from err
+            pixels.append(tf(image))
+        return {"pixel_values": pixels, "labels": batch[label_col]}
+
+    return apply
+
+
+def with_transforms(data: ImageData, train_tf: Callable, eval_tf: Callable) -> DatasetDict:
+    """Lazily transformed splits yielding {'pixel_values', 'labels'} (train augmented, the others not)."""
+    return DatasetDict({
+        name: ds.with_transform(_transform(data.image_column, data.label_column,
+                                           train_tf if name == "train" else eval_tf, name))
+        for name, ds in data.splits.items()
+    })
+
+
+def collate_images(features: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+        "labels": torch.tensor([int(f["labels"]) for f in features], dtype=torch.long),
+    }
