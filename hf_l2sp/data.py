@@ -90,8 +90,11 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
     image_col = _image_column(raw[train_name], args.image_column)
     label_col, names, raw = _label_column(raw, train_name, args.label_column)
 
-    val_name = _pick_split(raw, args.validation_split, VALIDATION_NAMES, "validation_split")
     test_name = _pick_split(raw, args.test_split, ("test",), "test_split")
+    val_defaults = tuple(n for n in VALIDATION_NAMES if n != test_name)  # e.g. food101 tests on 'validation'
+    val_name = _pick_split(raw, args.validation_split, val_defaults, "validation_split")
+    if val_name is not None and val_name in (train_name, test_name):
+        raise ValueError(f"validation_split {val_name!r} is also the train or test split; choose another.")
     splits = {"train": raw[train_name]}
     if test_name:
         splits["test"] = raw[test_name]

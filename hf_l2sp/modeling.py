@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .reference import _load_folder
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MAX_LISTED = 8
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -198,10 +200,18 @@ def data_config_of(model: nn.Module) -> dict:
     timm_model = getattr(model, "timm_model", None)
     if timm_model is not None:
         return timm.data.resolve_model_data_config(timm_model)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from transformers import AutoImageProcessor
 
-    config = getattr(model, "config", None)
-    processor = AutoImageProcessor.from_pretrained(config._name_or_path) if config is not None else None
+    config = model.config
+    try:
+        processor = AutoImageProcessor.from_pretrained(config._name_or_path)
+    except (OSError, ValueError):
+        side = getattr(config, "image_size", 224)
+        logger.warning("No image processor saved with %r: using %d px and ImageNet mean/std.", config._name_or_path,
+                       side)
+        return {"input_size": (3, side, side), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+                "interpolation": "bilinear", "crop_pct": 0.875}
     size = getattr(processor, "size", {}) or {}
     side = size.get("shortest_edge") or size.get("height") or 224
     return {"input_size": (3, side, side), "mean": tuple(processor.image_mean), "std": tuple(processor.image_std),

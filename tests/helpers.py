@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, Value
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, ViTConfig, ViTForImageClassification
 
 from hf_l2sp import SPConfig
@@ -49,3 +49,52 @@ def sp_config(tmp_path, **overrides) -> SPConfig:
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def pil_images(n: int, size: int = 12, seed: int = 0, mode: str = "RGB"):
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    out = []
+    for _ in range(n):
+        array = rng.integers(0, 255, (size, size, channels), dtype=np.uint8)
+        out.append(PILImage.fromarray(array[..., 0] if channels == 1 else array, mode=mode))
+    return out
+
+
+def write_parquet_repo(root, splits=None, image_col="picture", label_col="category", num_labels=3,
+                       names=None) -> str:
+    """A local folder laid out like a Hub parquet dataset repo (data/<split>-00000-of-00001.parquet)."""
+    from datasets import ClassLabel, Features, Image
+
+    splits = splits or {"train": 30, "test": 9}
+    names = names or [f"c{i}" for i in range(num_labels)]
+    features = Features({image_col: Image(), label_col: ClassLabel(names=names), "note": Value("string")})
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for i, (split, n) in enumerate(splits.items()):
+        ds = Dataset.from_dict({image_col: pil_images(n, seed=i), label_col: [j % len(names) for j in range(n)],
+                                "note": [f"row {j}" for j in range(n)]}, features=features)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return str(root)
+
+
+def write_image_folder(root, per_class: int = 4, classes=("cat", "dog"), modes=("RGB", "L", "RGBA")) -> str:
+    for s, split in enumerate(("train", "test")):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(pil_images(per_class, seed=10 * s + c, mode=modes[(c + 1) % len(modes)])):
+                image.save(folder / f"{i}.png")
+    return str(root)
+
+
+def save_timm_folder(path, architecture: str = "test_resnet", num_classes: int = 5, seed: int = 0):
+    """A timm-format checkpoint as timm's own save_for_hf writes it (model_args with num_classes included)."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    save_for_hf(model, str(path), safe_serialization=True, model_args={"num_classes": num_classes})
+    return model
