@@ -1,14 +1,17 @@
 """hf_l2sp: the explicit inductive bias of Li, Grandvalet & Davoine (ICML 2018) for Hugging Face fine-tuning.
 
 Public API: `SPTrainer`, `SPConfig`, the regularizer registry (`REGULARIZERS`, `register_regularizer`,
-`get_regularizer_class`, `list_regularizers`, the `Regularizer` base class), `Reference` (the anchor w0) and the
-Fisher-file helpers.
+`get_regularizer_class`, `list_regularizers`, the `Regularizer` base class), `Reference` (the anchor w0), the
+loaders (`load_backbone`, `load_image_dataset`, transforms, collator, metrics) and the Fisher-file helpers.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import SPConfig
+from .data import DataArguments, build_transforms, collate_images, load_image_dataset, with_transforms
 from .fisher_io import FisherDiagonal, load_fisher, save_fisher
+from .metrics import compute_metrics
+from .modeling import BackboneReport, data_config_of, load_backbone
 from .reference import Reference
 from .regularizers import (
     REGULARIZERS,
@@ -27,6 +30,15 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "REGULARIZERS",
+    "BackboneReport",
+    "DataArguments",
+    "build_transforms",
+    "collate_images",
+    "compute_metrics",
+    "data_config_of",
+    "load_backbone",
+    "load_image_dataset",
+    "with_transforms",
     "FisherDiagonal",
     "PenaltyTerms",
     "Reference",

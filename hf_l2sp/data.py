@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -242,8 +242,14 @@ def _decodable(value) -> bool:
         return False
 
 
-def build_transforms(data_config: dict, augmentation: str = "timm", image_size: int | None = None):
-    """(train, eval) torchvision transforms from a timm data config (input_size, mean, std, interpolation, crop)."""
+class Transforms(NamedTuple):
+    train: Callable
+    eval: Callable
+    eval_config: dict  # the timm data config that reproduces `eval` (saved with the model for processors)
+
+
+def build_transforms(data_config: dict, augmentation: str = "timm", image_size: int | None = None) -> Transforms:
+    """Train and eval transforms from a timm data config (input_size, mean, std, interpolation, crop_pct)."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
@@ -251,19 +257,19 @@ def build_transforms(data_config: dict, augmentation: str = "timm", image_size: 
     if image_size:
         config["input_size"] = (3, image_size, image_size)
     size = config["input_size"][-1]
+    if augmentation == "paper":  # Li et al.: warp to 256x256, random 224 crop, mirror, colour jitter; centre crop
+        config.update(crop_pct=0.875, crop_mode="squash")
+        resize = round(size / 0.875)
+        train_tf = T.Compose([T.Resize((resize, resize), interpolation=T.InterpolationMode.BILINEAR),
+                              T.RandomCrop(size), T.RandomHorizontalFlip(),
+                              T.ColorJitter(brightness=63 / 255, contrast=(0.2, 1.8), saturation=(0.5, 1.5)),
+                              T.ToTensor(), T.Normalize(config["mean"], config["std"])])
     eval_tf = create_transform(**config, is_training=False)
     if augmentation == "timm":
         train_tf = create_transform(**config, is_training=True)
-    elif augmentation == "paper":  # Li et al.: warp to 256x256, random 224 crop, mirror, colour jitter
-        resize = round(size / 0.875)
-        normalize = T.Normalize(config["mean"], config["std"])
-        train_tf = T.Compose([T.Resize((resize, resize)), T.RandomCrop(size), T.RandomHorizontalFlip(),
-                              T.ColorJitter(brightness=63 / 255, contrast=(0.2, 1.8), saturation=(0.5, 1.5)),
-                              T.ToTensor(), normalize])
-        eval_tf = T.Compose([T.Resize((resize, resize)), T.CenterCrop(size), T.ToTensor(), normalize])
-    else:
+    elif augmentation == "none":
         train_tf = eval_tf
-    return train_tf, eval_tf
+    return Transforms(train_tf, eval_tf, config)
 
 
 def _transform(image_col: str, label_col: str, tf: Callable, split: str):

@@ -28,6 +28,7 @@ class Reference:
     tensors: dict[str, Tensor]
     source: str
     head_names: list[str] = field(default_factory=list)
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def snapshot(cls, model: nn.Module, head_modules: list[str], device: torch.device | str | None = None,
@@ -93,6 +94,11 @@ class Reference:
 
     def fingerprint(self) -> str:
         """SHA-256 over names, shapes and bytes of the anchors (to verify an anchor restored later)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         digest = hashlib.sha256()
         for name in sorted(self.tensors):
             tensor = self.tensors[name].detach().cpu().contiguous()

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
+from .card import card_facts, non_default_hyperparameters, public_name, render_model_card
+from .checkpoint import finalize_timm_folder, is_timm_wrapper, prepare_config_for_save
 from .config import SPConfig
+from .drift import compute_drift, save_drift
+from .fisher_io import save_fisher
 from .parameters import (
     SPParameters,
     find_head_modules,
     parse_head_option,
     resolve_parameters,
+    unwrap_model,
     validate_head_modules,
 )
 from .reference import Reference
@@ -58,6 +65,9 @@ class SPTrainer(Trainer):
         self._sp_params_model_id: int | None = None
         self._reset_sp_logs()
         self._sp_bad_step: Tensor | None = None
+        self.sp_metrics: dict[str, float] = {}  # latest evaluation results, for model cards
+        self.backbone_report = None  # set by hf-l2sp train (what was pretrained), used in model cards
+        self.data_description = None  # set by hf-l2sp train (dataset, splits, sizes), used in model cards
         if self.model is not None:  # with model_init the model (and its anchor) comes in call_model_init
             self._anchor(self.model)
             if hasattr(self.model, "add_model_tags"):
@@ -171,3 +181,69 @@ class SPTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         self._check_penalty_finite()
         return super().save_model(output_dir, _internal_call)
+
+    # ---- saving: loadable everywhere, with drift and a model card -------------------------------------------------
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        self.sp_metrics.update(metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        model = unwrap_model(self.model)
+        prepare_config_for_save(model)
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if is_timm_wrapper(model):
+            finalize_timm_folder(folder)
+        drift = compute_drift(model, self.sp_reference.tensors, set(self.sp_parameters().anchored_names))
+        save_drift(drift, folder, title=f"{folder.name}: {self.regularizer.name}")
+        if getattr(self.regularizer, "fisher", None) is not None:
+            save_fisher(self.regularizer.fisher, folder / "fisher.safetensors")
+        (folder / "sp_config.json").write_text(json.dumps(self._sp_provenance(), indent=2))
+        self._render_card(drift).save(folder / "README.md")
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Trainer.push_to_hub calls this: write our card (formula, alpha, beta, drift, results) as README.md."""
+        if not self.is_world_process_zero():
+            return
+        folder = Path(self.args.output_dir)
+        drift_file = folder / "drift.json"
+        drift = json.loads(drift_file.read_text()) if drift_file.is_file() else None
+        self._render_card(drift).save(folder / "README.md")
+
+    def _sp_provenance(self) -> dict:
+        from . import __version__
+
+        return {
+            "hf_l2sp_version": __version__,
+            "regularizer": self.regularizer.config_dict(),
+            "sp_include": self.args.sp_include,
+            "anchor": {"source": self._anchor_description(), "fingerprint": self.sp_reference.fingerprint(),
+                       "tensors": len(self.sp_reference.tensors),
+                       "parameters": self.sp_reference.num_parameters()},
+        }
+
+    def _anchor_description(self) -> str:
+        if self.args.sp_reference:
+            revision = f" @ {self.args.sp_reference_revision}" if self.args.sp_reference_revision else ""
+            return f"loaded from {public_name(self.args.sp_reference)}{revision}"
+        base = public_name(getattr(unwrap_model(self.model).config, "_name_or_path", None) or None)
+        return f"the pretrained weights{f' of {base}' if base else ''}, copied when training started"
+
+    def _render_card(self, drift: dict | None):
+        model = unwrap_model(self.model)
+        report = self.backbone_report
+        name = Path(self.args.output_dir).name
+        return render_model_card(card_facts(
+            model_name=name, repo_id=self.args.hub_model_id or name, regularizer=self.regularizer,
+            sp_summary=self.sp_parameters().summary(), include=self.args.sp_include,
+            anchor_source=self._anchor_description(),
+            base_model=getattr(model.config, "_name_or_path", None) or None,
+            base_revision=report.revision if report is not None else None, is_timm=is_timm_wrapper(model),
+            data=self.data_description, metrics=self.sp_metrics, drift=drift,
+            hyperparameters=non_default_hyperparameters(self.args),
+            fisher_source=self.args.sp_fisher,
+        ))

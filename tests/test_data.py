@@ -29,8 +29,8 @@ def test_parquet_repo_with_unusual_column_names(tmp_path):
 def test_imagefolder_labels_and_modes_become_rgb(tmp_path):
     data = load(write_image_folder(tmp_path), validation_fraction=0.25)
     assert data.label_names == ["cat", "dog"]
-    train_tf, eval_tf = build_transforms({"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3,
-                                          "interpolation": "bilinear", "crop_pct": 1.0}, "none")
+    train_tf, eval_tf, _ = build_transforms({"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                             "interpolation": "bilinear", "crop_pct": 1.0}, "none")
     splits = with_transforms(data, train_tf, eval_tf)
     batch = collate_images([splits["test"][i] for i in range(len(splits["test"]))])
     assert batch["pixel_values"].shape == (8, 3, 16, 16)  # grayscale (cat) and RGBA (dog) both became RGB
@@ -94,16 +94,16 @@ def test_transforms_follow_the_model_data_config():
     config = {"input_size": (3, 24, 24), "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6),
               "interpolation": "bicubic", "crop_pct": 0.875}
     image = pil_images(1, size=40)[0]
-    train_tf, eval_tf = build_transforms(config, "timm")
+    train_tf, eval_tf, eval_config = build_transforms(config, "timm")
     torch.testing.assert_close(eval_tf(image), create_transform(**config, is_training=False)(image))
-    assert train_tf(image).shape == (3, 24, 24)
-    _, small = build_transforms(config, "timm", image_size=16)
-    assert small(image).shape == (3, 16, 16)
-    paper_train, paper_eval = build_transforms(config, "paper")
+    assert eval_config == config and train_tf(image).shape == (3, 24, 24)
+    _, small, small_config = build_transforms(config, "timm", image_size=16)
+    assert small(image).shape == (3, 16, 16) and small_config["input_size"] == (3, 16, 16)
+    paper_train, paper_eval, paper_config = build_transforms(config, "paper")
     assert paper_train(image).shape == paper_eval(image).shape == (3, 24, 24)
-    normalized = paper_eval(image)  # mean/std of the model are applied
-    raw = torch.from_numpy(np.asarray(image.resize((27, 27)), dtype=np.float32) / 255).permute(2, 0, 1)
-    assert abs(normalized[0].mean().item() - ((raw[0].mean().item() - 0.1) / 0.4)) < 0.2
+    # the saved config reproduces the paper's eval transform: warp to 27x27 (24 / 0.875), centre 24 crop
+    torch.testing.assert_close(paper_eval(image), create_transform(**paper_config, is_training=False)(image))
+    assert paper_config["crop_mode"] == "squash"
 
 
 def test_undecodable_image_names_split_and_row_or_is_skipped(tmp_path):
@@ -116,7 +116,7 @@ def test_undecodable_image_names_split_and_row_or_is_skipped(tmp_path):
     data = load(tmp_path / "d", validation_fraction=0.3)
     tf = build_transforms({"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3,
                            "interpolation": "bilinear", "crop_pct": 1.0}, "none")
-    splits = with_transforms(data, *tf)
+    splits = with_transforms(data, tf.train, tf.eval)
     with pytest.raises(ValueError, match=r"Cannot decode the image in row 5 of split 'test'.*skip_bad_images=True"):
         [splits["test"][i] for i in range(6)]
     skipped = load(tmp_path / "d", validation_fraction=0.3, skip_bad_images=True)

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..argparsing import parse_with_recipe
+from ..checkpoint import set_eval_data_config
 from ..config import SPConfig
+from ..hub import push_output
 from ..data import DataArguments, build_transforms, collate_images, load_image_dataset, with_transforms
 from ..metrics import compute_metrics
 from ..modeling import data_config_of, load_backbone
@@ -64,8 +66,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
                                   model_args.cache_dir)
     logger.info("Backbone: %s", report)
     logger.info("Data: %s", json.dumps(data.description["num_examples"]))
-    train_tf, eval_tf = build_transforms(data_config_of(model), data_args.augmentation, data_args.image_size)
-    splits = with_transforms(data, train_tf, eval_tf)
+    transforms = build_transforms(data_config_of(model), data_args.augmentation, data_args.image_size)
+    set_eval_data_config(model, transforms.eval_config)  # processors and pipelines reproduce this evaluation
+    splits = with_transforms(data, transforms.train, transforms.eval)
+    push = args.push_to_hub
+    args.push_to_hub = False  # push once at the end, after the local output is complete (see push_output)
 
     trainer = SPTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
                         data_collator=collate_images, compute_metrics=compute_metrics)
@@ -79,6 +84,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
         metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
+    trainer.create_model_card()  # now with the test results
+    if push:
+        args.push_to_hub = True
+        push_output(trainer)
     return metrics
 
 

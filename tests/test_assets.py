@@ -1,0 +1,45 @@
+"""The embedded offline assets are the real thing: ImageNet Lite0 recognises real photos; digits are complete."""
+
+import pytest
+import timm
+import torch
+from datasets import ClassLabel, load_dataset
+
+from hf_l2sp import assets
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("asset_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_L2SP_CACHE", str(root))
+        yield root
+
+
+def test_lite0_weights_classify_real_photos(cache):
+    from skimage import data as photos
+    from PIL import Image
+
+    folder = assets.resolve("hf_l2sp:efficientnet_lite0")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    batch = torch.stack([transform(Image.fromarray(photos.chelsea())), transform(Image.fromarray(photos.coffee()))])
+    with torch.no_grad():
+        probs = model(batch).softmax(-1)
+    cat_top3 = probs[0].topk(3).indices.tolist()
+    assert set(cat_top3) <= {281, 282, 283, 284, 285, 286, 287}, cat_top3  # tabby/tiger/Egyptian cat...
+    assert probs[1].argmax().item() == 967 and probs[1, 967] > 0.5  # espresso
+    random_model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    with torch.no_grad():
+        assert random_model(batch).softmax(-1).max() < 0.2  # a random network is not this confident
+
+
+def test_asset_folders_are_cached_and_complete(cache):
+    first = assets.efficientnet_lite0_folder()
+    assert (first / ".complete").is_file() and assets.efficientnet_lite0_folder() == first
+    digits = load_dataset(assets.resolve("hf_l2sp:digits"))
+    assert {name: len(split) for name, split in digits.items()} == {"train": 1257, "test": 540}
+    assert isinstance(digits["train"].features["label"], ClassLabel)
+    assert digits["train"][0]["image"].size == (8, 8)
+    with pytest.raises(ValueError, match="Unknown embedded asset 'hf_l2sp:cifar'; available: hf_l2sp:efficientnet"):
+        assets.resolve("hf_l2sp:cifar")
