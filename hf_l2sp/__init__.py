@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import SPConfig
 from .data import DataArguments, build_transforms, collate_images, load_image_dataset, with_transforms
+from .fisher import estimate_fisher
 from .fisher_io import FisherDiagonal, load_fisher, save_fisher
 from .metrics import compute_metrics
 from .modeling import BackboneReport, data_config_of, load_backbone
@@ -36,6 +37,7 @@ __all__ = [
     "collate_images",
     "compute_metrics",
     "data_config_of",
+    "estimate_fisher",
     "load_backbone",
     "load_image_dataset",
     "with_transforms",

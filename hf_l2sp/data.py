@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +105,12 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
         _check_labels(ds, label_col, len(names), name)
     splits = {name: ds.add_column(ROW, list(range(len(ds)))) for name, ds in splits.items()}
     if not val_name:
-        carved = splits["train"].train_test_split(test_size=args.validation_fraction, seed=seed,
-                                                  stratify_by_column=label_col)
+        n_train = len(splits["train"])
+        n_val = max(math.ceil(args.validation_fraction * n_train), len(names))  # stratified: one per class at least
+        if n_train - n_val < len(names):
+            raise ValueError(f"Split {train_name!r} has {n_train} images for {len(names)} classes: too few to carve "
+                             "a stratified validation split. Pass validation_split, or more data.")
+        carved = splits["train"].train_test_split(test_size=n_val, seed=seed, stratify_by_column=label_col)
         splits["train"], splits["validation"] = carved["train"], carved["test"]
     if args.max_train_samples_per_class:
         splits["train"] = few_shot_subset(splits["train"], label_col, args.max_train_samples_per_class, seed)

@@ -73,6 +73,24 @@ def load_backbone(name_or_path: str, id2label: dict[int, str], revision: str | N
     return model, _report(model, new, source, revision, kind, arch)
 
 
+def load_source_classifier(name_or_path: str, revision: str | None = None,
+                           cache_dir: str | None = None) -> tuple[PreTrainedModel, BackboneReport]:
+    """The pretrained classifier exactly as published, source head included (for Fisher estimation)."""
+    folder, source = _resolve_folder(name_or_path, revision, cache_dir)
+    config = _read_config(folder, source)
+    names = config.get("label_names") or list((config.get("id2label") or {}).values())
+    num_classes = config.get("num_classes") or len(names)
+    if not num_classes:
+        raise ValueError(f"{source!r} has no classification head in its config (num_classes/label_names/id2label "
+                         "missing); the Fisher needs the source model's own head.")
+    id2label = {i: str(names[i]) if i < len(names) else f"LABEL_{i}" for i in range(num_classes)}
+    model, report = load_backbone(name_or_path, id2label, revision, cache_dir)
+    if report.new_tensors:
+        raise ValueError(f"The source head of {source!r} did not load ({', '.join(report.new_tensor_names)}); "
+                         "the Fisher must be computed with the pretrained head.")
+    return model, report
+
+
 def _resolve_folder(name_or_path: str, revision: str | None, cache_dir: str | None) -> tuple[Path, str]:
     for prefix in ("hf-hub:", "local-dir:"):
         if name_or_path.startswith(prefix):
