@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .optimizer_side import SP_MODES
 from .parameters import INCLUDE_CHOICES
-from .regularizers import get_regularizer_class
+from .regularizers import Regularizer, get_regularizer_class
 from .regularizers.base import check_coefficient
 
 
@@ -36,6 +37,11 @@ class SPConfig(TrainingArguments):
             Fisher-diagonal safetensors file (or folder / Hub repo holding `fisher.safetensors`) for `l2_sp_fisher`.
         sp_head (`str`, *optional*):
             Comma-separated module names of the new head; `none` for no head. Default: detected from the model.
+        sp_mode (`str`, defaults to `"loss"`):
+            `loss`: Omega is added to the training loss (the paper). `grad`: its closed-form gradient is added to
+            `.grad` once per optimizer step (same result, no graph). `decoupled`: w <- w - lr*alpha*(w - w0) in the
+            optimizer step, like AdamW's decoupled decay (a different method with Adam; equal to `loss` for plain
+            SGD). `grad` and `decoupled` need a quadratic regularizer: l2, l2_sp or l2_sp_fisher.
 
     NOTE: defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (image datasets keep their
     raw columns for the lazy transform).
@@ -63,6 +69,11 @@ class SPConfig(TrainingArguments):
         default=None,
         metadata={"help": "Comma-separated head module names, or 'none'. Default: detected from the model."},
     )
+    sp_mode: str = field(
+        default="loss",
+        metadata={"help": "'loss' (penalty in the loss, the paper), 'grad' (closed-form gradient added once per "
+                          "step) or 'decoupled' (w <- w - lr*alpha*(w - w0) in the optimizer step)."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Drop dataset columns the model's forward does not take (False: keep them for transforms)."},
@@ -78,6 +89,11 @@ class SPConfig(TrainingArguments):
         self.sp_beta = check_coefficient("sp_beta", self.sp_beta)
         if self.sp_include not in INCLUDE_CHOICES:
             raise ValueError(f"sp_include must be one of {', '.join(INCLUDE_CHOICES)}; got {self.sp_include!r}.")
+        if self.sp_mode not in SP_MODES:
+            raise ValueError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}.")
+        if self.sp_mode != "loss" and regularizer_cls.quadratic_form is Regularizer.quadratic_form:
+            raise ValueError(f"sp_mode={self.sp_mode!r} needs a quadratic regularizer (l2, l2_sp, l2_sp_fisher); "
+                             f"{self.regularizer!r} has no closed-form gradient step. Use sp_mode='loss'.")
         if self.regularizer == "l2_sp_fisher" and not self.sp_fisher:
             raise ValueError("regularizer='l2_sp_fisher' needs sp_fisher: a Fisher-diagonal file, folder or Hub repo "
                              "(estimate one with `hf-l2sp fisher`).")

@@ -15,6 +15,7 @@ from .checkpoint import finalize_timm_folder, is_timm_wrapper, prepare_config_fo
 from .config import SPConfig
 from .drift import compute_drift, save_drift
 from .fisher_io import save_fisher
+from .optimizer_side import OptimizerSidePenalty
 from .parameters import (
     SPParameters,
     find_head_modules,
@@ -65,6 +66,7 @@ class SPTrainer(Trainer):
         self._sp_params_model_id: int | None = None
         self._reset_sp_logs()
         self._sp_bad_step: Tensor | None = None
+        self._sp_hook = None  # (optimizer, hook handle) for sp_mode 'grad' / 'decoupled'
         self.sp_metrics: dict[str, float] = {}  # latest evaluation results, for model cards
         self.backbone_report = None  # set by hf-l2sp train (what was pretrained), used in model cards
         self.data_description = None  # set by hf-l2sp train (dataset, splits, sizes), used in model cards
@@ -117,11 +119,22 @@ class SPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            with torch.autocast(device_type=self.args.device.type, enabled=False):
+            in_loss = self.args.sp_mode == "loss"  # otherwise the optimizer step applies it (optimizer_side.py)
+            if not in_loss and (self._sp_hook is None or self._sp_hook[0] is not getattr(
+                    self.optimizer, "optimizer", self.optimizer)):
+                self._attach_optimizer_side(model)
+            with torch.autocast(device_type=self.args.device.type, enabled=False), torch.set_grad_enabled(in_loss):
                 terms = self.regularizer(self.sp_parameters(model))
-            loss = loss + terms.penalty.to(loss.device) * self._penalty_scale(num_items_in_batch)
+            if in_loss:
+                loss = loss + terms.penalty.to(loss.device) * self._penalty_scale(num_items_in_batch)
             self._record(terms)
         return (loss, outputs) if return_outputs else loss
+
+    def _attach_optimizer_side(self, model) -> None:
+        """sp_mode 'grad'/'decoupled': hook the torch optimizer (inside accelerate's wrapper) once."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer -> torch optimizer
+        penalty = OptimizerSidePenalty(self.args.sp_mode, self.regularizer.quadratic_form(), self.sp_parameters(model))
+        self._sp_hook = (optimizer, penalty.attach(optimizer))
 
     def _penalty_scale(self, num_items_in_batch) -> float:
         """Factor that makes Omega enter each optimizer step exactly once.

@@ -27,6 +27,17 @@ PAPER_CITATION = """@inproceedings{li2018explicit,
 
 
 @dataclass
+class QuadraticForm:
+    """Omega restricted to a quadratic: coef/2 * sum c (w - a)^2 on anchored tensors (a = w0, or 0 for plain L2;
+    c = per-element weights or 1) plus beta/2 ||w_new||^2. Its gradient is closed-form: coef * c * (w - a)."""
+
+    coef: float
+    use_anchors: bool
+    weights: list[Tensor] | None
+    head_coef: float
+
+
+@dataclass
 class PenaltyTerms:
     """One evaluation of a regularizer.
 
@@ -73,6 +84,10 @@ class Regularizer:
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(differentiable penalty on S, squared distance ||w_S - w0_S||^2 detached)."""
         raise NotImplementedError
+
+    def quadratic_form(self) -> QuadraticForm | None:
+        """The closed-form description when Omega is quadratic (used by sp_mode 'grad' and 'decoupled')."""
+        return None
 
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         anchored, sq_distance = self.anchored_penalty(params.anchored, params.anchors)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Regularizer
+from .base import QuadraticForm, Regularizer
 from .kernels import half_squared_distance
 from .registry import register_regularizer
 
@@ -18,6 +18,9 @@ class L2(Regularizer):
 
     formula = "Omega(w) = alpha/2 * ||w_S||^2 + beta/2 * ||w_new||^2"
     pulls_to_source = False
+
+    def quadratic_form(self) -> QuadraticForm:
+        return QuadraticForm(self.alpha, False, None, self.beta)
 
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
         value, _ = half_squared_distance(params)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Regularizer
+from .base import QuadraticForm, Regularizer
 from .kernels import half_squared_distance
 from .registry import register_regularizer
 
@@ -17,6 +17,9 @@ class L2SP(Regularizer):
     """
 
     formula = "Omega(w) = alpha/2 * ||w_S - w0_S||^2 + beta/2 * ||w_new||^2"
+
+    def quadratic_form(self) -> QuadraticForm:
+        return QuadraticForm(self.alpha, True, None, self.beta)
 
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
         value, sq_distance = half_squared_distance(params, anchors)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ..fisher_io import FisherDiagonal, load_fisher
 from ..parameters import SPParameters
-from .base import Regularizer
+from .base import QuadraticForm, Regularizer
 from .kernels import half_squared_distance
 from .registry import register_regularizer
 
@@ -38,6 +38,9 @@ class L2SPFisher(Regularizer):
     def prepare(self, params: SPParameters) -> None:
         self._weights = self.fisher.aligned_to(params.anchored_keys, [a.shape for a in params.anchors],
                                                device=params.anchors[0].device if params.anchors else None)
+
+    def quadratic_form(self) -> QuadraticForm:
+        return QuadraticForm(self.alpha, True, self._weights, self.beta)
 
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
         if self._weights is None:
