@@ -17,27 +17,23 @@ import torch
 from torch import Tensor
 
 from .parameters import SPParameters
-from .regularizers.base import QuadraticForm
+from .regularizers.base import PenaltyTerms, QuadraticForm
+from .regularizers.kernels import _sum_of_squares
 
 SP_MODES = ("loss", "grad", "decoupled")
 
 
-def _pull(params: list[Tensor], anchors: list[Tensor] | None, weights: list[Tensor] | None) -> list[Tensor]:
-    """c * (w - a) in fp32 (new tensors)."""
-    p32 = [p.detach().float() for p in params]
-    out = torch._foreach_sub(p32, anchors) if anchors is not None else [t.clone() for t in p32]
-    if weights is not None:
-        torch._foreach_mul_(out, weights)
-    return out
-
-
 class OptimizerSidePenalty:
-    """Applies a `QuadraticForm` to the parameters of each optimizer param group, once per optimizer step."""
+    """Applies a `QuadraticForm` to the parameters of each optimizer param group, once per optimizer step.
 
-    def __init__(self, mode: str, form: QuadraticForm, params: SPParameters):
+    One pass per tensor: d = c (w - a) is computed once and serves both the update and the logged value, which is
+    handed to `on_terms` as `PenaltyTerms` (detached).
+    """
+
+    def __init__(self, mode: str, form: QuadraticForm, params: SPParameters, on_terms=None):
         if mode not in ("grad", "decoupled"):
             raise ValueError(f"OptimizerSidePenalty mode must be 'grad' or 'decoupled', got {mode!r}.")
-        self.mode, self.form = mode, form
+        self.mode, self.form, self.on_terms = mode, form, on_terms
         self._anchored = {id(p): (p, a, w) for p, a, w in zip(
             params.anchored, params.anchors, form.weights or [None] * len(params.anchored))}
         self._head = {id(p): p for p in params.head}
@@ -59,28 +55,55 @@ class OptimizerSidePenalty:
         if self._groups is None:
             self._groups = self._split(optimizer)
         form = self.form
+        anchored_value, head_value, sq_distance = [], [], []
         for group, anchored, head in self._groups:
-            terms = []
-            if anchored and form.coef:
+            if anchored:
                 params = [p for p, _, _ in anchored]
-                anchors = [a for _, a, _ in anchored] if form.use_anchors else None
-                weights = [w for _, _, w in anchored] if form.weights is not None else None
-                terms.append((params, _pull(params, anchors, weights), form.coef))
-            if head and form.head_coef:
-                terms.append((head, _pull(head, None, None), form.head_coef))
-            for params, pull, coef in terms:
-                if self.mode == "grad":
-                    self._add_to_grad(params, pull, coef)
+                p32 = [p.detach().float() for p in params]
+                diffs = torch._foreach_sub(p32, [a for _, a, _ in anchored])
+                sq_distance.append(_sum_of_squares(diffs))
+                if form.use_anchors:
+                    pull = diffs
                 else:
-                    torch._foreach_mul_(pull, -group["lr"] * coef)
-                    for p, d in zip(params, pull):
-                        p.add_(d.to(p.dtype))
+                    pull = [t.clone() for t in p32]
+                if form.weights is not None:
+                    weighted = torch._foreach_mul(pull, [w for _, _, w in anchored])
+                    anchored_value.append(0.5 * form.coef * torch.stack(
+                        [torch.dot(x.flatten(), y.flatten()) for x, y in zip(weighted, pull)]).sum())
+                    pull = weighted
+                else:
+                    anchored_value.append(0.5 * form.coef * (_sum_of_squares(pull) if pull is not diffs
+                                                             else sq_distance[-1]))
+                self._apply(group, params, pull, form.coef)
+            if head:
+                pull = [p.detach().float().clone() for p in head]
+                head_value.append(0.5 * form.head_coef * _sum_of_squares(pull))
+                self._apply(group, head, pull, form.head_coef)
+        if self.on_terms is not None:
+            zero = torch.zeros(())
+            head_total = sum(head_value, zero)
+            self.on_terms(PenaltyTerms(penalty=sum(anchored_value, zero) + head_total, head_penalty=head_total,
+                                       distance=sum(sq_distance, zero).sqrt()))
+
+    def _apply(self, group, params: list[Tensor], pull: list[Tensor], coef: float) -> None:
+        if not coef:
+            return
+        if self.mode == "grad":
+            self._add_to_grad(params, pull, coef)
+        else:
+            torch._foreach_mul_(pull, -group["lr"] * coef)
+            for p, d in zip(params, pull):
+                p.add_(d.to(p.dtype))
 
     @staticmethod
     def _add_to_grad(params: list[Tensor], pull: list[Tensor], coef: float) -> None:
-        torch._foreach_mul_(pull, coef)
+        grads = [p.grad for p in params]
+        if all(g is not None and g.dtype == torch.float32 for g in grads):
+            torch._foreach_add_(grads, pull, alpha=coef)  # one fused pass
+            return
         for p, g in zip(params, pull):
+            update = (g * coef).to(p.dtype)
             if p.grad is None:
-                p.grad = g.to(p.dtype)
+                p.grad = update
             else:
-                p.grad.add_(g.to(p.grad.dtype))
+                p.grad.add_(update)

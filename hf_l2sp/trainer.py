@@ -119,21 +119,21 @@ class SPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            in_loss = self.args.sp_mode == "loss"  # otherwise the optimizer step applies it (optimizer_side.py)
-            if not in_loss and (self._sp_hook is None or self._sp_hook[0] is not getattr(
-                    self.optimizer, "optimizer", self.optimizer)):
-                self._attach_optimizer_side(model)
-            with torch.autocast(device_type=self.args.device.type, enabled=False), torch.set_grad_enabled(in_loss):
-                terms = self.regularizer(self.sp_parameters(model))
-            if in_loss:
+            if self.args.sp_mode == "loss":
+                with torch.autocast(device_type=self.args.device.type, enabled=False):
+                    terms = self.regularizer(self.sp_parameters(model))
                 loss = loss + terms.penalty.to(loss.device) * self._penalty_scale(num_items_in_batch)
-            self._record(terms)
+                self._record(terms)
+            elif self._sp_hook is None or self._sp_hook[0] is not getattr(self.optimizer, "optimizer", self.optimizer):
+                # 'grad' / 'decoupled': the optimizer step applies Omega and records its value (optimizer_side.py)
+                self._attach_optimizer_side(model)
         return (loss, outputs) if return_outputs else loss
 
     def _attach_optimizer_side(self, model) -> None:
         """sp_mode 'grad'/'decoupled': hook the torch optimizer (inside accelerate's wrapper) once."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer -> torch optimizer
-        penalty = OptimizerSidePenalty(self.args.sp_mode, self.regularizer.quadratic_form(), self.sp_parameters(model))
+        penalty = OptimizerSidePenalty(self.args.sp_mode, self.regularizer.quadratic_form(), self.sp_parameters(model),
+                                       on_terms=self._record)
         self._sp_hook = (optimizer, penalty.attach(optimizer))
 
     def _penalty_scale(self, num_items_in_batch) -> float:

@@ -39,31 +39,32 @@ class HalfSquaredDistance(torch.autograd.Function):
     def forward(ctx, anchors: list[Tensor] | None, weights: list[Tensor] | None, *params: Tensor):
         with torch.no_grad():
             p32 = _fp32(params)
-            diffs = torch._foreach_sub(p32, anchors) if anchors is not None else p32
+            # diffs is kept for the backward pass (a transient copy of the tensors, freed after it), so the
+            # gradient costs one multiply instead of a second subtraction over w and w0.
+            diffs = torch._foreach_sub(p32, anchors) if anchors is not None else [t.clone() for t in p32]
             sq_distance = _sum_of_squares(diffs)
             if weights is None:
                 value = 0.5 * sq_distance
             else:
-                weighted = torch._foreach_mul(diffs, diffs)
-                torch._foreach_mul_(weighted, weights)
-                value = 0.5 * torch.stack(torch._foreach_norm(weighted, 1)).sum()  # entries are >= 0
-        ctx.anchors, ctx.weights = anchors, weights
-        ctx.save_for_backward(*params)
+                torch._foreach_mul_(diffs, weights)  # c (w - a): the gradient direction
+                value = 0.5 * _weighted_dot(diffs, p32, anchors)
+        ctx.diffs = diffs
+        ctx.dtypes = [p.dtype for p in params]
         ctx.mark_non_differentiable(sq_distance)
         return value, sq_distance
 
     @staticmethod
     def backward(ctx, grad_value: Tensor, _grad_sq_distance: Tensor):
-        params = ctx.saved_tensors
-        p32 = _fp32(params)
-        if ctx.anchors is not None:
-            grads = torch._foreach_sub(p32, ctx.anchors)
-            torch._foreach_mul_(grads, grad_value)
-        else:
-            grads = torch._foreach_mul(p32, grad_value)  # out of place: p32 may alias the parameters
-        if ctx.weights is not None:
-            torch._foreach_mul_(grads, ctx.weights)
-        return (None, None, *_to_param_dtype(grads, params))
+        grads, ctx.diffs = ctx.diffs, None  # consumed: the backward runs once
+        torch._foreach_mul_(grads, grad_value)
+        grads = [g if g.dtype == d else g.to(d) for g, d in zip(grads, ctx.dtypes)]
+        return (None, None, *grads)
+
+
+def _weighted_dot(weighted: list[Tensor], p32: list[Tensor], anchors: list[Tensor] | None) -> Tensor:
+    """sum c (w - a)^2 given c (w - a): sum over tensors of <c (w - a), w - a>."""
+    diffs = torch._foreach_sub(p32, anchors) if anchors is not None else p32
+    return torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(weighted, diffs)]).sum()
 
 
 class AbsoluteDistance(torch.autograd.Function):
