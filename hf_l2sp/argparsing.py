@@ -17,6 +17,9 @@ class RecipeError(ValueError):
 def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) -> HfArgumentParser:
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML recipe: keys are the options below; flags override it.")
+    parser.add_argument("--accelerate_config", default=None,
+                        help="Relaunch under `accelerate launch` with this config: a YAML path or a shipped name "
+                             "(single_gpu, multi_gpu, multi_node, fsdp2, zero1, zero2).")
     return parser
 
 

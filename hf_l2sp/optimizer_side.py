@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .parameters import SPParameters
+from .parameters import SPParameters, local_view
 from .regularizers.base import PenaltyTerms, QuadraticForm
 from .regularizers.kernels import _sum_of_squares
 
@@ -58,7 +58,7 @@ class OptimizerSidePenalty:
         anchored_value, head_value, sq_distance = [], [], []
         for group, anchored, head in self._groups:
             if anchored:
-                params = [p for p, _, _ in anchored]
+                params = [local_view(p) for p, _, _ in anchored]
                 p32 = [p.detach().float() for p in params]
                 diffs = torch._foreach_sub(p32, [a for _, a, _ in anchored])
                 sq_distance.append(_sum_of_squares(diffs))
@@ -76,6 +76,7 @@ class OptimizerSidePenalty:
                                                              else sq_distance[-1]))
                 self._apply(group, params, pull, form.coef)
             if head:
+                head = [local_view(p) for p in head]
                 pull = [p.detach().float().clone() for p in head]
                 head_value.append(0.5 * form.head_coef * _sum_of_squares(pull))
                 self._apply(group, head, pull, form.head_coef)
@@ -97,7 +98,7 @@ class OptimizerSidePenalty:
 
     @staticmethod
     def _add_to_grad(params: list[Tensor], pull: list[Tensor], coef: float) -> None:
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params]  # params are local views: under FSDP2 .grad is the local shard's
         if all(g is not None and g.dtype == torch.float32 for g in grads):
             torch._foreach_add_(grads, pull, alpha=coef)  # one fused pass
             return

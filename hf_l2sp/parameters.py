@@ -141,6 +141,10 @@ class SPParameters:
     head_names: list[str]
     head: list[Tensor]
 
+    @property
+    def sharded(self) -> bool:
+        return any(is_sharded(p) for p in self.anchored + self.head)
+
     def summary(self) -> dict[str, int]:
         return {
             "anchored_tensors": len(self.anchored),
@@ -150,12 +154,39 @@ class SPParameters:
         }
 
 
+def is_sharded(tensor: Tensor) -> bool:
+    """True for a DTensor (FSDP2 parameter shard)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local_view(tensor: Tensor) -> Tensor:
+    """The rank's own shard of a DTensor (differentiable), or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def local_anchor(anchor: Tensor, param: Tensor) -> Tensor:
+    """The part of a full anchor that lines up with the local shard of `param` (FSDP2: uneven dim-0 shards too)."""
+    if not is_sharded(param):
+        return anchor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    return anchor[index].contiguous()
+
+
 def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: str) -> SPParameters:
     """Split the trainable parameters of `model` (any wrapper) into S (in `reference`, same shape) and S-bar.
 
     `reference` maps canonical names to anchors. `include='weights'` keeps only conv/linear weights in both sets
     (BatchNorm affine parameters and biases are free, as in the paper's code); `'all'` keeps every trainable tensor.
-    Frozen tensors are never penalised.
+    Frozen tensors are never penalised. Under FSDP2 the parameters are DTensor shards: each anchor is cut to the
+    local shard, the penalty is computed on local tensors (its gradient reaches each shard exactly) and the logged
+    values are partial sums that the trainer all-reduces.
     """
     if include not in INCLUDE_CHOICES:
         raise ValueError(f"sp_include must be one of {INCLUDE_CHOICES}, got {include!r}.")
@@ -172,7 +203,9 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
             sets.anchored_names.append(cname)
             sets.anchored_keys.append(checkpoint_key(cname, prefix))
             sets.anchored.append(param)
-            sets.anchors.append(anchor if anchor.device == param.device else anchor.to(param.device))
+            anchor = local_anchor(anchor, param)  # under FSDP2 each rank keeps only its shard of w0
+            device = local_view(param).device
+            sets.anchors.append(anchor if anchor.device == device else anchor.to(device))
         else:
             sets.head_names.append(cname)
             sets.head.append(param)

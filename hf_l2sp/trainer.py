@@ -14,7 +14,7 @@ from .card import card_facts, non_default_hyperparameters, public_name, render_m
 from .checkpoint import finalize_timm_folder, is_timm_wrapper, prepare_config_for_save
 from .config import SPConfig
 from .drift import compute_drift, save_drift
-from .fisher_io import save_fisher
+from .fisher_io import load_fisher, save_fisher
 from .optimizer_side import OptimizerSidePenalty
 from .parameters import (
     SPParameters,
@@ -25,12 +25,11 @@ from .parameters import (
     validate_head_modules,
 )
 from .reference import Reference
+from .topology import check_supported
+from .resume import compare_anchors, is_complete, last_complete_checkpoint, load_anchor, mark_complete, save_anchor
 from .regularizers import PenaltyTerms, Regularizer, get_regularizer_class
 
 logger = logging.getLogger(__name__)
-
-#: Order of the accumulated log values.
-SP_LOG_KEYS = ("sp/penalty", "sp/head_penalty", "sp/distance")
 
 
 class SPTrainer(Trainer):
@@ -60,6 +59,7 @@ class SPTrainer(Trainer):
                 "SPConfig(...): it takes the same arguments plus regularizer, sp_alpha, sp_beta, ..."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        check_supported(self.accelerator)  # refuse ZeRO-3 / FSDP1 before anything is built
         self.regularizer = regularizer or get_regularizer_class(args.regularizer).from_config(args)
         self._given_reference = reference
         self._sp_params: SPParameters | None = None
@@ -161,7 +161,8 @@ class SPTrainer(Trainer):
     def _record(self, terms: PenaltyTerms) -> None:
         """Accumulate on device (no host sync); remember the first optimizer step whose Omega is not finite."""
         penalty = terms.penalty.detach()
-        values = torch.stack([penalty, terms.head_penalty.to(penalty.device), terms.distance.to(penalty.device)])
+        values = torch.stack([penalty, terms.head_penalty.to(penalty.device),
+                              terms.distance.to(penalty.device).square()])
         if self._sp_sums is None:
             self._sp_sums = torch.zeros_like(values)
         self._sp_sums += values
@@ -182,14 +183,70 @@ class SPTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._sp_count and "loss" in logs:  # a training log: flush the window's averages
             self._check_penalty_finite()
-            means = (self._sp_sums / self._sp_count).tolist()
-            logs.update({key: round(value, 8) for key, value in zip(SP_LOG_KEYS, means)})
+            sums = self._sp_sums
+            if self._sp_params is not None and self._sp_params.sharded:  # FSDP2: each rank holds partial sums
+                sums = sums.clone()
+                torch.distributed.all_reduce(sums)
+            penalty, head, sq_distance = (sums / self._sp_count).tolist()
+            logs.update({"sp/penalty": round(penalty, 8), "sp/head_penalty": round(head, 8),
+                         "sp/distance": round(sq_distance ** 0.5, 8)})  # root of the window's mean squared distance
             self._reset_sp_logs()
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
         self._check_penalty_finite()
-        return super()._save_checkpoint(model, trial)
+        result = super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # after weights, optimizer, scheduler, RNG and state: the anchor, then the marker
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            save_anchor(self.sp_reference, folder)
+            mark_complete(folder, self.state.global_step)
+        return result
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, resuming only from completely written checkpoints and restoring their anchor."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no completely "
+                                 "written checkpoint-N folder.")
+        if resume_from_checkpoint:
+            self._restore_anchor(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_anchor(self, checkpoint: str) -> None:
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
+        if not is_complete(checkpoint):
+            last = last_complete_checkpoint(Path(checkpoint).parent)
+            raise ValueError(f"Checkpoint {checkpoint!r} was not completely written (interrupted while saving?); "
+                             f"it cannot be resumed from. Last complete checkpoint: {last or 'none'}.")
+        stored = load_anchor(checkpoint, self.args.device)
+        problems = compare_anchors(stored, self.sp_reference)
+        if problems:
+            raise ValueError(f"Cannot resume from {checkpoint!r}: the model does not match the anchor stored there ("
+                             + "; ".join(problems) + "). Resume with the model and regularizer the run started with.")
+        if stored.fingerprint() != self.sp_reference.fingerprint():
+            if self.args.sp_reference or self._given_reference is not None:
+                raise ValueError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
+                                 f"({self._anchor_description()}). Resuming must keep the anchor the run started "
+                                 "with; remove sp_reference or point it at the original checkpoint.")
+            logger.warning("hf_l2sp: the weights at construction differ from the anchor stored in %s; using the "
+                           "stored anchor (resuming never re-anchors).", checkpoint)
+        stored.head_names = self.sp_reference.head_names
+        self.sp_reference = stored
+        self._sp_params = None
+        self._check_fisher_unchanged(checkpoint)
+
+    def _check_fisher_unchanged(self, checkpoint: str) -> None:
+        fisher = getattr(self.regularizer, "fisher", None)
+        stored = Path(checkpoint) / "fisher.safetensors"
+        if fisher is None or not stored.is_file():
+            return
+        saved = load_fisher(str(stored))
+        if saved.tensors.keys() != fisher.tensors.keys() or any(
+                not torch.equal(saved.tensors[k], fisher.tensors[k].cpu()) for k in saved.tensors):
+            raise ValueError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({self.args.sp_fisher})"
+                             " differs from the one the run used (stored in the checkpoint).")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         self._check_penalty_finite()

@@ -176,6 +176,7 @@ dist.init_process_group("gloo")
 fisher = estimate_fisher(tiny_source(), batches(n=12, batch=2), "exact", chunk_size=2)
 if dist.get_rank() == 0:
     save_fisher(fisher, {str(tmp_path / "two")!r})
+dist.barrier()  # every rank done before teardown (gloo aborts on a racing exit)
 dist.destroy_process_group()
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -23,6 +23,7 @@ from ..data import DataArguments, build_transforms, collate_images, load_image_d
 from ..fisher import MODES, NORMALIZATIONS, estimate_fisher
 from ..fisher_io import save_fisher
 from ..modeling import data_config_of, load_source_classifier
+from .launch import relaunch_under_accelerate, split_accelerate_config
 
 logger = logging.getLogger("hf_l2sp.fisher")
 
@@ -52,6 +53,9 @@ class FisherArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
+    config, argv = split_accelerate_config(list(sys.argv[2:] if argv is None else argv))
+    if config:
+        return relaunch_under_accelerate(config, "fisher", argv)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     options, data_args = parse_with_recipe((FisherArguments, DataArguments), argv, prog="hf-l2sp fisher",
                                            description=__doc__.split("\n")[0])

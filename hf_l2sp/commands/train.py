@@ -1,7 +1,8 @@
 """`hf-l2sp train`: fine-tune a pretrained backbone on an image dataset with an SP regularizer.
 
     hf-l2sp train --config recipes/offline_lite0_digits_l2sp.yaml
-    hf-l2sp train --config recipes/resnet50_dogs_l2sp.yaml --sp_alpha 0.01 --output_dir runs/dogs
+    hf-l2sp train --config recipes/resnet50_dogs_l2_sp.yaml --sp_alpha 0.01 --output_dir runs/dogs
+    hf-l2sp train --accelerate_config multi_gpu --config ...   (or fsdp2, zero2, multi_node, a YAML path)
     accelerate launch --multi_gpu --num_processes 2 -m hf_l2sp.cli train --config ...
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+
+from transformers import set_seed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from ..data import DataArguments, build_transforms, collate_images, load_image_d
 from ..metrics import compute_metrics
 from ..modeling import data_config_of, load_backbone
 from ..trainer import SPTrainer
+from .launch import relaunch_under_accelerate, split_accelerate_config
 
 logger = logging.getLogger("hf_l2sp.train")
 
@@ -62,6 +66,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
         raise ValueError("model_name_or_path is required (in the recipe or as --model_name_or_path).")
     check_output_dir(args.output_dir, model_args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     data = load_image_dataset(data_args, seed=args.data_seed if args.data_seed is not None else args.seed)
+    set_seed(args.seed)  # the new head's initialisation is part of the run: same seed, same head, on every rank
     model, report = load_backbone(model_args.model_name_or_path, data.id2label, model_args.model_revision,
                                   model_args.cache_dir)
     logger.info("Backbone: %s", report)
@@ -75,7 +80,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     trainer = SPTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
                         data_collator=collate_images, compute_metrics=compute_metrics)
     trainer.backbone_report, trainer.data_description = report, data.description
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    resume = args.resume_from_checkpoint
+    resume = True if isinstance(resume, str) and resume.lower() in ("true", "last") else resume
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     trainer.save_model()
     trainer.save_state()
@@ -92,8 +99,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    config, rest = split_accelerate_config(list(sys.argv[2:] if argv is None else argv))
+    if config:
+        return relaunch_under_accelerate(config, "train", rest)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
-    model_args, data_args, args = parse_args(argv)
+    model_args, data_args, args = parse_args(rest)
     metrics = run(model_args, data_args, args)
     if "test_accuracy" in metrics:
         print(f"test accuracy: {metrics['test_accuracy']:.4f}")

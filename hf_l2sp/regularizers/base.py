@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..parameters import local_view
 from .kernels import half_squared_distance
 
 if TYPE_CHECKING:
@@ -90,8 +91,9 @@ class Regularizer:
         return None
 
     def __call__(self, params: SPParameters) -> PenaltyTerms:
-        anchored, sq_distance = self.anchored_penalty(params.anchored, params.anchors)
-        head_value, _ = half_squared_distance(params.head)
+        """Omega on this process's tensors (under FSDP2: on its shards; the parts then sum over ranks)."""
+        anchored, sq_distance = self.anchored_penalty([local_view(p) for p in params.anchored], params.anchors)
+        head_value, _ = half_squared_distance([local_view(p) for p in params.head])
         head = self.beta * head_value
         return PenaltyTerms(penalty=anchored + head, head_penalty=head.detach(), distance=sq_distance.sqrt())
 

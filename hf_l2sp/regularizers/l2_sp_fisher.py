@@ -5,7 +5,7 @@ from typing import Any
 from torch import Tensor
 
 from ..fisher_io import FisherDiagonal, load_fisher
-from ..parameters import SPParameters
+from ..parameters import SPParameters, local_anchor
 from .base import QuadraticForm, Regularizer
 from .kernels import half_squared_distance
 from .registry import register_regularizer
@@ -36,8 +36,9 @@ class L2SPFisher(Regularizer):
         return cls(alpha=args.sp_alpha, beta=args.sp_beta, fisher=load_fisher(args.sp_fisher))
 
     def prepare(self, params: SPParameters) -> None:
-        self._weights = self.fisher.aligned_to(params.anchored_keys, [a.shape for a in params.anchors],
-                                               device=params.anchors[0].device if params.anchors else None)
+        full = self.fisher.aligned_to(params.anchored_keys, [p.shape for p in params.anchored],
+                                      device=params.anchors[0].device if params.anchors else None)
+        self._weights = [local_anchor(w, p) for w, p in zip(full, params.anchored)]  # FSDP2: this rank's shard
 
     def quadratic_form(self) -> QuadraticForm:
         return QuadraticForm(self.alpha, True, self._weights, self.beta)

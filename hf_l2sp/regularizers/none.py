@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from ..parameters import SPParameters
+from ..parameters import SPParameters, local_view
 from .base import PenaltyTerms, Regularizer
 from .registry import register_regularizer
 
@@ -17,7 +17,7 @@ class NoRegularizer(Regularizer):
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         with torch.no_grad():
             if params.anchored:
-                diffs = torch._foreach_sub([p.detach().float() for p in params.anchored], params.anchors)
+                diffs = torch._foreach_sub([local_view(p).detach().float() for p in params.anchored], params.anchors)
                 distance = torch.stack(torch._foreach_norm(diffs)).square().sum().sqrt()
             else:
                 distance = torch.zeros(())

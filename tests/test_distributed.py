@@ -1,0 +1,241 @@
+"""Real multi-process runs on CPU (gloo): DDP, two "nodes", FSDP2 shards, and crash/resume keeping the anchor."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+
+from hf_l2sp import Reference, SPTrainer
+from hf_l2sp.cli import main
+from hf_l2sp.resume import COMPLETE_MARKER, last_complete_checkpoint
+from hf_l2sp.topology import UnsupportedTopologyError, check_supported
+
+from .helpers import save_timm_folder, sp_config, tensor_dataset, timm_classifier, write_parquet_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A LayerNorm CNN (no batch statistics: 1x4 and 2x2 see the same maths) and 4 training images = 1 batch."""
+    root = tmp_path_factory.mktemp("dist")
+    save_timm_folder(root / "model", architecture="test_convnext", num_classes=5)
+    write_parquet_repo(root / "data", splits={"train": 4, "validation": 3, "test": 3})
+    return root
+
+
+def flags(root, out, **overrides):
+    values = {"model_name_or_path": root / "model", "dataset_name": root / "data", "output_dir": out,
+              "image_size": 32, "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 0.05,
+              "optim": "sgd", "optim_args": "momentum=0.9", "use_cpu": "true", "report_to": "none",
+              "save_strategy": "no", "disable_tqdm": "true", "logging_steps": 1, "sp_alpha": 5.0, "sp_beta": 0.5,
+              "max_grad_norm": 0.0, "dataloader_num_workers": 0, "augmentation": "none", "seed": 0}
+    values.update(overrides)
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def result(out):
+    weights = load_file(str(Path(out) / "model.safetensors"))
+    logs = json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
+    return weights, [log["sp/penalty"] for log in logs if "sp/penalty" in log]
+
+
+def assert_same_run(a, b):
+    (wa, pa), (wb, pb) = a, b
+    assert len(pa) == len(pb) == 3
+    assert pa == pytest.approx(pb, rel=1e-5)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def single(assets):
+    out = assets / "single"
+    assert main(["train", *flags(assets, out)]) == 0
+    return result(out)
+
+
+def test_ddp_two_processes_equal_one(assets, single, tmp_path):
+    """accelerate, 2 ranks x 2 images == 1 process x 4 images: same penalty logged, same weights."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                      "num_processes: 2\nmixed_precision: 'no'\nmain_process_port: 29541\nuse_cpu: false\n")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "hf_l2sp.cli", "train", "--accelerate_config", str(config),
+           *flags(assets, out, per_device_train_batch_size=2)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "--config_file" in done.stdout  # it went through accelerate launch
+    assert_same_run(single, result(out))
+
+
+def test_two_nodes_on_loopback_equal_one(assets, single, tmp_path):
+    """torchrun --nnodes 2 (one process per "node", static rendezvous on 127.0.0.1) == 1 process."""
+    out = tmp_path / "nodes"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+         str(rank), "--master_addr", "127.0.0.1", "--master_port", "29543", "-m", "hf_l2sp.cli", "train",
+         *flags(assets, out, per_device_train_batch_size=2)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:]
+    assert_same_run(single, result(out))
+
+
+FSDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, {root!r})
+from hf_l2sp import Reference
+from hf_l2sp.parameters import resolve_parameters
+from hf_l2sp.regularizers import L2SP
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 7))  # 5, 3 rows: uneven
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = build()
+reference = Reference.snapshot(model, ["4"])
+gen = torch.Generator().manual_seed(1)
+for t in reference.tensors.values():
+    t.add_(0.1 * torch.randn(t.shape, generator=gen))
+for layer in (model[0], model[2]):
+    fully_shard(layer)
+fully_shard(model)
+sets = resolve_parameters(model, reference.tensors, "all")
+assert all(p.__class__.__name__ == "DTensor" for p in sets.anchored)
+terms = L2SP(0.7, 0.3)(sets)
+terms.penalty.backward()
+value = terms.penalty.detach().clone()
+dist.all_reduce(value)
+grads = {{n: p.grad.full_tensor() for n, p in model.named_parameters()}}
+shapes = [tuple(p.to_local().shape) for p in sets.anchored]
+if rank == 0:
+    torch.save({{"value": value, "grads": grads, "shapes": shapes}}, {out!r})
+dist.barrier()  # every rank done before teardown (gloo aborts on a racing exit)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_shards_hold_their_part_of_the_anchor(tmp_path):
+    """fully_shard on CPU/gloo with uneven dim-0 shards: the all-reduced penalty and the full gradients equal the
+    unsharded computation (alpha (w - w0), beta w), with each rank keeping only its shard of w0."""
+    out = tmp_path / "fsdp.pt"
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP_SCRIPT.format(root=str(ROOT), out=str(out)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out)
+    assert (3, 4) in got["shapes"] and (2, 5) in got["shapes"]  # rank 0 of uneven splits: 5 rows = 3 + 2, 3 = 2 + 1
+    sys.path.insert(0, str(tmp_path))
+    namespace = {}
+    exec(FSDP_SCRIPT.split("dist.init_process_group")[0].format(root=str(ROOT), out=str(out)), namespace)
+    model = namespace["build"]()
+    reference = Reference.snapshot(model, ["4"])
+    gen = torch.Generator().manual_seed(1)
+    for t in reference.tensors.values():
+        t.add_(0.1 * torch.randn(t.shape, generator=gen))
+    from hf_l2sp.parameters import resolve_parameters
+    from hf_l2sp.regularizers import L2SP
+
+    terms = L2SP(0.7, 0.3)(resolve_parameters(model, reference.tensors, "all"))
+    terms.penalty.backward()
+    assert got["value"].item() == pytest.approx(terms.penalty.item(), rel=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("state, match", [
+    (SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=3)),
+     r"ZeRO-3 .* Use ZeRO-1/2 \(accelerate config 'zero2'\) or FSDP2"),
+    (SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=1)),
+     r"FSDP1 flattens parameters.* Use FSDP2"),
+])
+def test_unsupported_topologies_are_refused(state, match):
+    with pytest.raises(UnsupportedTopologyError, match=match):
+        check_supported(SimpleNamespace(state=state))
+    ok = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    check_supported(SimpleNamespace(state=ok))
+
+
+def test_unknown_accelerate_config_lists_the_shipped_ones(assets, capsys):
+    assert main(["train", "--accelerate_config", "tpu_pod", *flags(assets, assets / "never")]) == 2
+    assert "shipped: fsdp2, multi_gpu, multi_node, single_gpu, zero1, zero2" in capsys.readouterr().err
+
+
+def test_sigkill_then_resume_matches_the_uninterrupted_run(assets, tmp_path):
+    """kill -9 while training; the half-written folder is skipped; resuming restores anchor, optimizer and data
+    order and ends on the weights of a run that was never interrupted."""
+    common = dict(max_steps=60, save_strategy="steps", save_steps=5, logging_steps=5, image_size=64,
+                  per_device_train_batch_size=4)
+    def train_cmd(out, **extra):  # every run in a subprocess with the same thread count: same float reductions
+        return [sys.executable, "-m", "hf_l2sp.cli", "train", *flags(assets, out, **common, **extra)]
+
+    straight = tmp_path / "straight"
+    subprocess.run(train_cmd(straight), env=ENV, check=True, capture_output=True, timeout=300)
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(train_cmd(crashed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (crashed / "checkpoint-15" / COMPLETE_MARKER).exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (crashed / "model.safetensors").exists()
+    # a folder interrupted while being written (no completion marker) must never be resumed from
+    (crashed / "checkpoint-999").mkdir()
+    (crashed / "checkpoint-999" / "model.safetensors").write_bytes(b"half")
+    last = last_complete_checkpoint(crashed)
+    assert last is not None and int(last.rsplit("-", 1)[1]) >= 15
+    done = subprocess.run(train_cmd(crashed, resume_from_checkpoint="last"), env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_restores_the_stored_anchor_and_refuses_mismatches(tmp_path):
+    model = timm_classifier()
+    args = sp_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    SPTrainer(model=model, args=args, train_dataset=tensor_dataset(8)).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    stored = load_file(str(checkpoint / "sp_anchor.safetensors"))
+
+    # Built from the fine-tuned weights (the classic mistake): the stored pretrained anchor is used, not a snapshot.
+    resumed = SPTrainer(model=model, args=sp_config(tmp_path, max_steps=3), train_dataset=tensor_dataset(8))
+    assert not torch.equal(resumed.sp_reference.tensors["timm_model.conv1.0.weight"],
+                           stored["timm_model.conv1.0.weight"])
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(resumed.sp_reference.tensors["timm_model.conv1.0.weight"], stored["timm_model.conv1.0.weight"])
+
+    other = timm_classifier("resnet10t")
+    with pytest.raises(ValueError, match=r"model does not match the anchor stored there \(in the checkpoint but not "
+                                         r"the model: .*shape mismatches"):
+        SPTrainer(model=other, args=sp_config(tmp_path, max_steps=3),
+                  train_dataset=tensor_dataset(8)).train(resume_from_checkpoint=str(checkpoint))
+
+    changed = Reference({k: v + 1 for k, v in stored.items()}, "elsewhere")
+    with pytest.raises(ValueError, match="its anchor w0 differs from the one given now"):
+        SPTrainer(model=timm_classifier(), args=sp_config(tmp_path, max_steps=3), train_dataset=tensor_dataset(8),
+                  reference=changed).train(resume_from_checkpoint=str(checkpoint))
+
+    (checkpoint / COMPLETE_MARKER).unlink()
+    with pytest.raises(ValueError, match="was not completely written"):
+        SPTrainer(model=timm_classifier(), args=sp_config(tmp_path, max_steps=3),
+                  train_dataset=tensor_dataset(8)).train(resume_from_checkpoint=str(checkpoint))
