@@ -26,6 +26,8 @@ TITLES = {
     "l1_sp": "L1-SP (Li, Grandvalet & Davoine, ICML 2018)",
     "group_lasso_sp": "Group-Lasso-SP (Li, Grandvalet & Davoine, ICML 2018)",
     "l2_sp_fisher": "L2-SP-Fisher (Li, Grandvalet & Davoine, ICML 2018)",
+    "delta": "DELTA (Li et al., ICLR 2019)",
+    "bss": "Batch Spectral Shrinkage (Chen et al., NeurIPS 2019)",
 }
 _PRIVATE_KEY = re.compile(r"token|_dir$|dir_|path|resume|^hub_|^push_to_hub|sp_reference|sp_fisher|deepspeed|"
                           r"run_name|fsdp_config|accelerator_config|trackio|project")
@@ -112,7 +114,8 @@ def render_model_card(facts: dict[str, Any]) -> ModelCard:
         pipeline_tag="image-classification",
         base_model=facts.get("base_model_id"),
         datasets=[dataset_id] if dataset_id else None,
-        tags=["hf_l2sp", "transfer-learning", f"regularizer:{facts['regularizer_name']}", "image-classification",
+        tags=["hf_l2sp", "transfer-learning", *(f"regularizer:{p}" for p in facts["regularizer_name"].split("+")),
+              "image-classification",
               *(["timm"] if facts["is_timm"] else [])],
         model_name=facts["model_name"],
         eval_results=eval_results or None,
@@ -124,14 +127,16 @@ def render_model_card(facts: dict[str, Any]) -> ModelCard:
 def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[str, int], include: str,
                anchor_source: str, base_model: str | None, base_revision: str | None, is_timm: bool,
                data: dict | None, metrics: dict[str, float], drift: dict | None, hyperparameters: dict,
-               fisher_source: str | None = None) -> dict[str, Any]:
+               fisher_source: str | None = None, features=(), label: str | None = None) -> dict[str, Any]:
     """Everything the template needs, as plain JSON-able values with machine-specific details removed."""
     data = data or {}
     dataset = data.get("dataset")
     base_display = public_name(base_model)
     citations = [PAPER_CITATION]
-    if regularizer.citation not in citations:
-        citations.append(regularizer.citation)
+    for part in (regularizer, *features):
+        if part.citation and part.citation not in citations:
+            citations.append(part.citation)
+    label = label or regularizer.name
     return {
         "model_name": model_name,
         "repo_id": repo_id,
@@ -147,9 +152,11 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
         "num_examples": data.get("num_examples", {}),
         "num_classes": data.get("num_classes", "?"),
         "samples_per_class": data.get("max_train_samples_per_class"),
-        "regularizer_name": regularizer.name,
-        "regularizer_title": TITLES.get(regularizer.name, regularizer.name),
-        "formula": regularizer.formula,
+        "regularizer_name": label,
+        "regularizer_title": " + ".join(TITLES.get(part, part) for part in label.split("+")),
+        "formula": "\n".join([regularizer.formula, *(f.formula for f in features)]),
+        "feature_rows": [{"name": f.name, "settings": ", ".join(f"{k}={v}" for k, v in f.config_dict().items()
+                                                              if k != "name")} for f in features],
         "alpha": regularizer.alpha,
         "beta": regularizer.beta,
         "include_text": "conv and linear weights only (BatchNorm and biases free, as in the paper)"

@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 
 from .optimizer_side import SP_MODES
 from .parameters import INCLUDE_CHOICES
+from .regularizer_spec import parse_regularizer
 from .regularizers import Regularizer, get_regularizer_class
 from .regularizers.base import check_coefficient
 
@@ -20,7 +21,8 @@ class SPConfig(TrainingArguments):
     Parameters that control the regularizer:
 
         regularizer (`str`, defaults to `"l2_sp"`):
-            Name of a registered regularizer: none, l2, l2_sp, l1_sp, group_lasso_sp, l2_sp_fisher.
+            A weight penalty (none, l2, l2_sp, l1_sp, group_lasso_sp, l2_sp_fisher), a feature penalty (delta, bss),
+            or one of each joined by '+', e.g. `l2_sp+bss`. Each part keeps its own coefficient.
         sp_alpha (`float`, defaults to `0.1`):
             alpha, the strength on the pretrained parameters S (the paper's Stanford Dogs value).
         sp_beta (`float`, defaults to `0.01`):
@@ -37,6 +39,21 @@ class SPConfig(TrainingArguments):
             Fisher-diagonal safetensors file (or folder / Hub repo holding `fisher.safetensors`) for `l2_sp_fisher`.
         sp_head (`str`, *optional*):
             Comma-separated module names of the new head; `none` for no head. Default: detected from the model.
+        sp_delta_alpha (`float`, defaults to `0.01`):
+            DELTA's coefficient on the feature-map distance (official default).
+        sp_delta_layers (`str`, *optional*):
+            Comma-separated modules whose outputs DELTA compares. Default: each backbone stage (timm feature_info).
+        sp_delta_attention (`str`, defaults to `"computed"`):
+            `computed` (channel attention by ablation after a head-only warm-up), `uniform`, or a saved
+            `delta_attention.safetensors` (file or folder) to reuse.
+        sp_delta_attention_batches (`int`, defaults to `4`):
+            Training batches used to measure each channel's importance.
+        sp_delta_warmup_steps (`int`, defaults to `50`):
+            Head-only SGD steps before measuring channel importance.
+        sp_bss_eta (`float`, defaults to `0.001`):
+            BSS's eta (official default).
+        sp_bss_k (`int`, defaults to `1`):
+            Number of smallest singular values BSS shrinks.
         sp_mode (`str`, defaults to `"loss"`):
             `loss`: Omega is added to the training loss (the paper). `grad`: its closed-form gradient is added to
             `.grad` once per optimizer step (same result, no graph). `decoupled`: w <- w - lr*alpha*(w - w0) in the
@@ -49,7 +66,8 @@ class SPConfig(TrainingArguments):
 
     regularizer: str = field(
         default="l2_sp",
-        metadata={"help": "Regularizer: none, l2, l2_sp, l1_sp, group_lasso_sp or l2_sp_fisher."},
+        metadata={"help": "none, l2, l2_sp, l1_sp, group_lasso_sp, l2_sp_fisher, delta, bss, or a weight and feature "
+                          "penalty joined by '+' (e.g. l2_sp+bss)."},
     )
     sp_alpha: float = field(default=0.1, metadata={"help": "alpha: strength of the penalty on pretrained parameters."})
     sp_beta: float = field(default=0.01, metadata={"help": "beta: L2 strength on the new head parameters."})
@@ -69,6 +87,17 @@ class SPConfig(TrainingArguments):
         default=None,
         metadata={"help": "Comma-separated head module names, or 'none'. Default: detected from the model."},
     )
+    sp_delta_alpha: float = field(default=0.01, metadata={"help": "DELTA's coefficient (feature-map distance)."})
+    sp_delta_layers: str | None = field(
+        default=None, metadata={"help": "Modules DELTA compares, comma separated. Default: the backbone stages."}
+    )
+    sp_delta_attention: str = field(
+        default="computed", metadata={"help": "DELTA channel weights: 'computed', 'uniform' or a saved file."}
+    )
+    sp_delta_attention_batches: int = field(default=4, metadata={"help": "Batches for DELTA's channel importance."})
+    sp_delta_warmup_steps: int = field(default=50, metadata={"help": "Head-only steps before DELTA's attention."})
+    sp_bss_eta: float = field(default=0.001, metadata={"help": "BSS's eta."})
+    sp_bss_k: int = field(default=1, metadata={"help": "How many smallest singular values BSS shrinks."})
     sp_mode: str = field(
         default="loss",
         metadata={"help": "'loss' (penalty in the loss, the paper), 'grad' (closed-form gradient added once per "
@@ -84,7 +113,12 @@ class SPConfig(TrainingArguments):
         super().__post_init__()
 
     def _validate_sp(self) -> None:
-        regularizer_cls = get_regularizer_class(self.regularizer)  # raises with the valid names
+        spec = parse_regularizer(self.regularizer)  # raises with the valid names
+        regularizer_cls = get_regularizer_class(spec.weight)
+        check_coefficient("sp_delta_alpha", self.sp_delta_alpha)
+        check_coefficient("sp_bss_eta", self.sp_bss_eta)
+        if self.sp_bss_k < 1:
+            raise ValueError(f"sp_bss_k must be >= 1; got {self.sp_bss_k}.")
         self.sp_alpha = check_coefficient("sp_alpha", self.sp_alpha)
         self.sp_beta = check_coefficient("sp_beta", self.sp_beta)
         if self.sp_include not in INCLUDE_CHOICES:
@@ -94,10 +128,13 @@ class SPConfig(TrainingArguments):
         if self.sp_mode != "loss" and regularizer_cls.quadratic_form is Regularizer.quadratic_form:
             raise ValueError(f"sp_mode={self.sp_mode!r} needs a quadratic regularizer (l2, l2_sp, l2_sp_fisher); "
                              f"{self.regularizer!r} has no closed-form gradient step. Use sp_mode='loss'.")
-        if self.regularizer == "l2_sp_fisher" and not self.sp_fisher:
+        if spec.features and self.sp_mode != "loss":
+            raise ValueError(f"Feature penalties ({', '.join(spec.features)}) act through the loss; they need "
+                             f"sp_mode='loss', not {self.sp_mode!r}.")
+        if spec.weight == "l2_sp_fisher" and not self.sp_fisher:
             raise ValueError("regularizer='l2_sp_fisher' needs sp_fisher: a Fisher-diagonal file, folder or Hub repo "
                              "(estimate one with `hf-l2sp fisher`).")
-        if self.sp_fisher and self.regularizer != "l2_sp_fisher":
+        if self.sp_fisher and spec.weight != "l2_sp_fisher":
             raise ValueError(f"sp_fisher is only used by regularizer='l2_sp_fisher', not {self.regularizer!r}; "
                              "remove sp_fisher or switch the regularizer.")
         if self.weight_decay > 0 and regularizer_cls.pulls_to_source:

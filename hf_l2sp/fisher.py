@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .fisher_io import FisherDiagonal
+from .forward import logits_of
 from .parameters import base_prefix, checkpoint_key, unwrap_model
 
 MODES = ("exact", "sampled", "empirical")
@@ -31,8 +32,7 @@ NORMALIZATIONS = ("none", "mean", "max")
 def _logits(model: nn.Module, params_and_buffers: dict, x: Tensor) -> Tensor:
     out = functional_call(model, params_and_buffers, args=(), kwargs={"pixel_values": x}) if _takes_pixel_values(
         model) else functional_call(model, params_and_buffers, (x,))
-    logits = out.logits if hasattr(out, "logits") else out
-    return logits
+    return logits_of(out)
 
 
 def _takes_pixel_values(model: nn.Module) -> bool:

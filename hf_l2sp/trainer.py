@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
+
+from safetensors.torch import save_file
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +30,18 @@ from .parameters import (
 from .reference import Reference
 from .topology import check_supported
 from .resume import compare_anchors, is_complete, last_complete_checkpoint, load_anchor, mark_complete, save_anchor
-from .regularizers import PenaltyTerms, Regularizer, get_regularizer_class
+from .features import FEATURE_REGULARIZERS
+from .regularizer_spec import RegularizerSpec, parse_regularizer
+from .regularizers import L2, NoRegularizer, PenaltyTerms, Regularizer, get_regularizer_class
 
 logger = logging.getLogger(__name__)
+
+
+def build_weight_regularizer(spec: RegularizerSpec, args: SPConfig) -> Regularizer:
+    """The weight part of `args.regularizer`; feature penalties alone imply DELTA's head L2 (or nothing, for BSS)."""
+    if spec.weight_named:
+        return get_regularizer_class(spec.weight).from_config(args)
+    return L2(alpha=0.0, beta=args.sp_beta) if spec.weight == "l2" else NoRegularizer()
 
 
 class SPTrainer(Trainer):
@@ -60,7 +72,10 @@ class SPTrainer(Trainer):
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         check_supported(self.accelerator)  # refuse ZeRO-3 / FSDP1 before anything is built
-        self.regularizer = regularizer or get_regularizer_class(args.regularizer).from_config(args)
+        self.regularizer_spec = parse_regularizer(args.regularizer)
+        self.regularizer = regularizer or build_weight_regularizer(self.regularizer_spec, args)
+        self.feature_regularizers = [FEATURE_REGULARIZERS[name].from_config(args)
+                                     for name in self.regularizer_spec.features]
         self._given_reference = reference
         self._sp_params: SPParameters | None = None
         self._sp_params_model_id: int | None = None
@@ -73,7 +88,7 @@ class SPTrainer(Trainer):
         if self.model is not None:  # with model_init the model (and its anchor) comes in call_model_init
             self._anchor(self.model)
             if hasattr(self.model, "add_model_tags"):
-                self.model.add_model_tags(self._tag_names + [f"regularizer:{self.regularizer.name}"])
+                self.model.add_model_tags(self._tag_names + [f"regularizer:{self.regularizer_spec.label}"])
 
     # ---- anchor -------------------------------------------------------------------------------------------------
 
@@ -92,6 +107,8 @@ class SPTrainer(Trainer):
             self.sp_reference = Reference.snapshot(model, head_modules, self.args.device)
         self._sp_params = None
         sets = self.sp_parameters(model)
+        for feature in self.feature_regularizers:  # frozen source copies, layers, channel attention
+            feature.setup(self)
         logger.info("hf_l2sp: %s on %s; anchor: %s", self.regularizer, sets.summary(), self.sp_reference.source)
 
     def call_model_init(self, trial=None):
@@ -117,13 +134,20 @@ class SPTrainer(Trainer):
     # ---- loss ---------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        features = self.feature_regularizers if model.training else []
+        with contextlib.ExitStack() as hooks:  # feature hooks live only around the training forward
+            for feature in features:
+                hooks.enter_context(feature.capture(model))
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         if model.training:
             if self.args.sp_mode == "loss":
                 with torch.autocast(device_type=self.args.device.type, enabled=False):
                     terms = self.regularizer(self.sp_parameters(model))
-                loss = loss + terms.penalty.to(loss.device) * self._penalty_scale(num_items_in_batch)
-                self._record(terms)
+                    parts = {feature.name: feature.penalty(inputs) for feature in features}
+                penalty = terms.penalty.to(loss.device) + sum(p.to(loss.device) for p in parts.values())
+                loss = loss + penalty * self._penalty_scale(num_items_in_batch)
+                self._record(PenaltyTerms(penalty, terms.head_penalty, terms.distance), parts)
             elif self._sp_hook is None or self._sp_hook[0] is not getattr(self.optimizer, "optimizer", self.optimizer):
                 # 'grad' / 'decoupled': the optimizer step applies Omega and records its value (optimizer_side.py)
                 self._attach_optimizer_side(model)
@@ -158,11 +182,12 @@ class SPTrainer(Trainer):
         self._sp_sums: Tensor | None = None
         self._sp_count = 0
 
-    def _record(self, terms: PenaltyTerms) -> None:
+    def _record(self, terms: PenaltyTerms, parts: dict[str, Tensor] | None = None) -> None:
         """Accumulate on device (no host sync); remember the first optimizer step whose Omega is not finite."""
         penalty = terms.penalty.detach()
         values = torch.stack([penalty, terms.head_penalty.to(penalty.device),
-                              terms.distance.to(penalty.device).square()])
+                              terms.distance.to(penalty.device).square(),
+                              *(p.detach().float().to(penalty.device) for p in (parts or {}).values())])
         if self._sp_sums is None:
             self._sp_sums = torch.zeros_like(values)
         self._sp_sums += values
@@ -187,9 +212,11 @@ class SPTrainer(Trainer):
             if self._sp_params is not None and self._sp_params.sharded:  # FSDP2: each rank holds partial sums
                 sums = sums.clone()
                 torch.distributed.all_reduce(sums)
-            penalty, head, sq_distance = (sums / self._sp_count).tolist()
+            penalty, head, sq_distance, *parts = (sums / self._sp_count).tolist()
             logs.update({"sp/penalty": round(penalty, 8), "sp/head_penalty": round(head, 8),
                          "sp/distance": round(sq_distance ** 0.5, 8)})  # root of the window's mean squared distance
+            if len(parts) == len(self.feature_regularizers):  # 'sp/delta', 'sp/bss': each feature penalty's part
+                logs.update({f"sp/{f.name}": round(v, 8) for f, v in zip(self.feature_regularizers, parts)})
             self._reset_sp_logs()
         super().log(logs, start_time)
 
@@ -272,6 +299,9 @@ class SPTrainer(Trainer):
         save_drift(drift, folder, title=f"{folder.name}: {self.regularizer.name}")
         if getattr(self.regularizer, "fisher", None) is not None:
             save_fisher(self.regularizer.fisher, folder / "fisher.safetensors")
+        for feature in self.feature_regularizers:  # e.g. DELTA's channel attention, reusable by a later run
+            for name, tensors in feature.state_files().items():
+                save_file(tensors, str(folder / name))
         (folder / "sp_config.json").write_text(json.dumps(self._sp_provenance(), indent=2))
         self._render_card(drift).save(folder / "README.md")
 
@@ -315,5 +345,6 @@ class SPTrainer(Trainer):
             base_revision=report.revision if report is not None else None, is_timm=is_timm_wrapper(model),
             data=self.data_description, metrics=self.sp_metrics, drift=drift,
             hyperparameters=non_default_hyperparameters(self.args),
-            fisher_source=self.args.sp_fisher,
+            fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
+            label=self.regularizer_spec.label,
         ))

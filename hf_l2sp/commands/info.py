@@ -4,10 +4,13 @@ from __future__ import annotations
 
 
 def regularizers(_argv: list[str]) -> int:
+    from ..features import FEATURE_REGULARIZERS
     from ..regularizers import REGULARIZERS
 
     for name in sorted(REGULARIZERS):
         print(f"{name:16s} {REGULARIZERS[name].formula}")
+    for name in sorted(FEATURE_REGULARIZERS):
+        print(f"{name:16s} {FEATURE_REGULARIZERS[name].formula}   (combine: l2_sp+{name})")
     return 0
 
 

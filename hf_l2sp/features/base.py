@@ -1,0 +1,67 @@
+"""Feature regularizers: penalties on what the network computes on the batch, not on its weights.
+
+A feature regularizer registers forward hooks only around the training forward (`capture`), turns what they saw
+into a penalty (`penalty`), and removes the hooks on the way out. It is combined with a weight regularizer by name:
+`regularizer="l2_sp+bss"`; each part keeps its own coefficient and is logged under `sp/<name>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+FEATURE_REGULARIZERS: dict[str, type[FeatureRegularizer]] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+
+
+def register_feature_regularizer(name: str):
+    if not _NAME.match(name):
+        raise ValueError(f"Feature regularizer name {name!r} must be lower snake_case.")
+
+    def decorate(cls):
+        if name in FEATURE_REGULARIZERS and FEATURE_REGULARIZERS[name] is not cls:
+            raise ValueError(f"Feature regularizer {name!r} is already registered.")
+        cls.name = name
+        FEATURE_REGULARIZERS[name] = cls
+        return cls
+
+    return decorate
+
+
+class FeatureRegularizer:
+    """Base class. Subclasses set `formula`, `citation`, and implement `_hooks` and `penalty`."""
+
+    name: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    #: True when used alone it brings the paper's beta/2 ||w_new||^2 on the new head (DELTA does, BSS does not).
+    adds_head_l2: ClassVar[bool] = False
+
+    def setup(self, trainer) -> None:
+        """Called once the trainer and its model exist (build frozen copies, find layers, ...)."""
+
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module):
+        handles = self._hooks(model)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hooks(self, model: nn.Module) -> list:
+        raise NotImplementedError
+
+    def penalty(self, inputs: dict[str, Any]) -> Tensor:
+        """The (differentiable, fp32) penalty for the batch just captured."""
+        raise NotImplementedError
+
+    def state_files(self) -> dict[str, dict[str, Tensor]]:
+        """Tensors to save with the run and each checkpoint (file name -> tensors), e.g. attention weights."""
+        return {}
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.name}

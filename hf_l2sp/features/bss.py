@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..parameters import find_head_modules, parse_head_option, unwrap_model
+from .base import FeatureRegularizer, register_feature_regularizer
+
+BSS_CITATION = """@inproceedings{chen2019catastrophic,
+  title     = {Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe Transfer Learning},
+  author    = {Chen, Xinyang and Wang, Sinan and Fu, Bo and Long, Mingsheng and Wang, Jianmin},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2019}
+}"""
+
+
+@register_feature_regularizer("bss")
+class BatchSpectralShrinkage(FeatureRegularizer):
+    """BSS (Chen et al., NeurIPS 2019): shrink the smallest singular values of the batch's features.
+
+    Omega(w) = eta * sum_{i=1..k} sigma_{-i}^2
+
+    sigma_{-1} <= sigma_{-2} <= ... are the k smallest singular values of F (batch x d), the pooled pre-logits
+    features, i.e. the input of the classification head. Computed in fp32 with `torch.linalg.svdvals`.
+    """
+
+    formula = "Omega_bss(w) = eta * sum_{i=1..k} sigma_{-i}(F)^2, F = batch x pre-logits features"
+    citation = BSS_CITATION
+
+    def __init__(self, eta: float = 0.001, k: int = 1):
+        if eta < 0 or k < 1:
+            raise ValueError(f"BSS needs eta >= 0 and k >= 1; got eta={eta}, k={k}.")
+        self.eta, self.k = float(eta), int(k)
+        self.head_modules: list[str] = []
+        self._features: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, args) -> BatchSpectralShrinkage:
+        return cls(eta=args.sp_bss_eta, k=args.sp_bss_k)
+
+    def setup(self, trainer) -> None:
+        head = parse_head_option(trainer.args.sp_head)
+        self.head_modules = head if head else find_head_modules(trainer.model)
+
+    def _hooks(self, model: nn.Module) -> list:
+        inner = unwrap_model(model)
+        module = inner.get_submodule(self.head_modules[0])
+
+        def keep_input(_module, args):
+            self._features = args[0]
+
+        return [module.register_forward_pre_hook(keep_input)]
+
+    def penalty(self, inputs: dict[str, Any]) -> Tensor:
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("BSS saw no features: the head hook did not fire during the forward.")
+        return self.eta * bss_value(features.flatten(1), self.k)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "eta": self.eta, "k": self.k}
+
+
+def bss_value(features: Tensor, k: int) -> Tensor:
+    """sum of the k smallest squared singular values of a (batch x d) matrix (fp32 at least)."""
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()  # SVD in fp32: half precision is unstable here
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        singular = torch.linalg.svdvals(features)  # descending
+    return singular[-k:].square().sum()
