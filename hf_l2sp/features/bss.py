@@ -23,7 +23,7 @@ class BatchSpectralShrinkage(FeatureRegularizer):
     Omega(w) = eta * sum_{i=1..k} sigma_{-i}^2
 
     sigma_{-1} <= sigma_{-2} <= ... are the k smallest singular values of F (batch x d), the pooled pre-logits
-    features, i.e. the input of the classification head. Computed in fp32 with `torch.linalg.svdvals`.
+    features, i.e. the input of the classification head, computed in float64 from the Gram matrix.
     """
 
     formula = "Omega_bss(w) = eta * sum_{i=1..k} sigma_{-i}(F)^2, F = batch x pre-logits features"
@@ -64,9 +64,13 @@ class BatchSpectralShrinkage(FeatureRegularizer):
 
 
 def bss_value(features: Tensor, k: int) -> Tensor:
-    """sum of the k smallest squared singular values of a (batch x d) matrix (fp32 at least)."""
-    if features.dtype in (torch.float16, torch.bfloat16):
-        features = features.float()  # SVD in fp32: half precision is unstable here
+    """sum of the k smallest squared singular values of a (batch x d) matrix.
+
+    sigma_i(F)^2 are the eigenvalues of the smaller Gram matrix (F F^T or F^T F); its eigendecomposition in float64
+    is cheap (batch x batch) and keeps the small eigenvalues accurate, where a full SVD of F costs far more.
+    """
     with torch.autocast(device_type=features.device.type, enabled=False):
-        singular = torch.linalg.svdvals(features)  # descending
-    return singular[-k:].square().sum()
+        f = features.double()
+        gram = f @ f.T if f.shape[0] <= f.shape[1] else f.T @ f
+        eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    return eigenvalues[:k].clamp_min(0).sum().to(torch.float32 if features.dtype != torch.float64 else torch.float64)

@@ -119,7 +119,7 @@ class DELTA(FeatureRegularizer):
 
     def penalty(self, inputs: dict[str, Any]) -> Tensor:
         target, self._target = self._target, {}
-        with torch.no_grad():
+        with torch.inference_mode():
             source = feature_maps(self.source, self.layers, inputs["pixel_values"])
         total = None
         for name in self.layers:
