@@ -8,27 +8,14 @@ into a penalty (`penalty`), and removes the hooks on the way out. It is combined
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..regularizers.registry import registrar
+
 FEATURE_REGULARIZERS: dict[str, type[FeatureRegularizer]] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
-
-
-def register_feature_regularizer(name: str):
-    if not _NAME.match(name):
-        raise ValueError(f"Feature regularizer name {name!r} must be lower snake_case.")
-
-    def decorate(cls):
-        if name in FEATURE_REGULARIZERS and FEATURE_REGULARIZERS[name] is not cls:
-            raise ValueError(f"Feature regularizer {name!r} is already registered.")
-        cls.name = name
-        FEATURE_REGULARIZERS[name] = cls
-        return cls
-
-    return decorate
+register_feature_regularizer = registrar(FEATURE_REGULARIZERS, "Feature regularizer")
 
 
 class FeatureRegularizer:

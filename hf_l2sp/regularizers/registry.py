@@ -13,19 +13,27 @@ REGULARIZERS: dict[str, type[Regularizer]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
-def register_regularizer(name: str):
-    """Class decorator: make ``cls`` available as ``SPConfig(regularizer=name)``."""
-    if not _NAME.match(name):
-        raise ValueError(f"Regularizer name {name!r} must be lower snake_case (e.g. 'l2_sp').")
+def registrar(registry: dict, kind: str):
+    """A class decorator factory that files classes in `registry` under checked, unique snake_case names."""
 
-    def decorate(cls):
-        if name in REGULARIZERS and REGULARIZERS[name] is not cls:
-            raise ValueError(f"Regularizer {name!r} is already registered by {REGULARIZERS[name].__qualname__}.")
-        cls.name = name
-        REGULARIZERS[name] = cls
-        return cls
+    def register(name: str):
+        if not _NAME.match(name):
+            raise ValueError(f"{kind} name {name!r} must be lower snake_case (e.g. 'l2_sp').")
 
-    return decorate
+        def decorate(cls):
+            if name in registry and registry[name] is not cls:
+                raise ValueError(f"{kind} {name!r} is already registered by {registry[name].__qualname__}.")
+            cls.name = name
+            registry[name] = cls
+            return cls
+
+        return decorate
+
+    return register
+
+
+#: Class decorator: make ``cls`` available as ``SPConfig(regularizer=name)``.
+register_regularizer = registrar(REGULARIZERS, "Regularizer")
 
 
 def list_regularizers() -> list[str]:
