@@ -22,10 +22,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .fisher_io import FisherDiagonal
-from .forward import logits_of
+from . import per_sample
+from .forward import call_image_model, logits_of
 from .parameters import base_prefix, checkpoint_key, unwrap_model
 
 MODES = ("exact", "sampled", "empirical")
+METHODS = ("auto", "hooks", "vmap")
 NORMALIZATIONS = ("none", "mean", "max")
 
 
@@ -53,13 +55,16 @@ def _check_source_head(model: nn.Module, x: Tensor) -> int:
 
 def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: str = "exact", *,
                     num_samples: int | None = None, draws: int = 1, chunk_size: int = 8, class_chunk: int = 64,
-                    generator: torch.Generator | None = None, normalize: str = "none",
+                    generator: torch.Generator | None = None, normalize: str = "none", method: str = "auto",
                     metadata: dict[str, Any] | None = None, progress: bool = False) -> FisherDiagonal:
     """Diagonal Fisher of `model` (with its source head) over `batches` of {'pixel_values', ['labels']}.
 
     num_samples: stop after this many samples in total (over all ranks); draws: labels sampled per input (sampled);
     chunk_size: samples per vmap call; class_chunk: classes per Jacobian (exact); normalize: 'none' (raw, as in
     the paper), 'mean' (divide by the mean entry, so alpha keeps the scale it has with plain L2-SP) or 'max'.
+    method: 'hooks' (per-layer per-sample rules on one batched forward and batched backward passes, see
+    per_sample.py; Conv2d, Linear and BatchNorm2d layers), 'vmap' (torch.func, any layer), or 'auto' (hooks when
+    every trainable parameter's layer has a rule).
     Keys are checkpoint names (no wrapper or base-model prefix). Only trainable parameters are estimated; the
     names of frozen ones are listed in the metadata.
     """
@@ -69,12 +74,20 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}.")
     if draws < 1 or chunk_size < 1 or class_chunk < 1:
         raise ValueError("draws, chunk_size and class_chunk must be >= 1.")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     model = unwrap_model(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if method == "auto":
+        method = "hooks" if per_sample.supports(model, trainable) else "vmap"
+    elif method == "hooks" and not per_sample.supports(model, trainable):
+        raise ValueError(f"method='hooks' has no per-sample rule for some layers of {type(model).__name__}; "
+                         "use method='vmap' or 'auto'.")
     was_training = model.training
     model.eval()
     try:
         sums, count, frozen = _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chunk,
-                                          generator, progress)
+                                          generator, progress, method)
     finally:
         model.train(was_training)
     if count == 0:
@@ -89,12 +102,12 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
         tensors = {k: t / scale for k, t in tensors.items()}
     from . import __version__
 
-    meta = {"mode": mode, "num_samples": count, "draws": draws if mode == "sampled" else 1, "normalize": normalize,
+    meta = {"mode": mode, "method": method, "num_samples": count, "draws": draws if mode == "sampled" else 1, "normalize": normalize,
             "frozen_parameters_skipped": ",".join(frozen), "hf_l2sp_version": __version__, **(metadata or {})}
     return FisherDiagonal(tensors, {k: str(v) for k, v in meta.items()}, source="estimate_fisher")
 
 
-def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chunk, generator, progress):
+def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chunk, generator, progress, method):
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -120,9 +133,13 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
             checked = True
         if mode == "empirical" and labels is None:
             raise ValueError("mode='empirical' needs labels in the batches ('labels').")
-        for start in range(0, len(x), chunk_size):
-            xc = x[start:start + chunk_size]
-            if mode == "exact":
+        step = len(x) if method == "hooks" else chunk_size  # the hooks path handles a whole batch at once
+        for start in range(0, len(x), step):
+            xc = x[start:start + step]
+            if method == "hooks":
+                y = labels[start:start + step].to(device) if mode == "empirical" else None
+                _add_with_hooks(model, xc, y, sums, mode, draws, generator)
+            elif mode == "exact":
                 _add_exact(model, params, buffers, xc, sums, class_chunk)
             else:
                 y = labels[start:start + chunk_size].to(device) if mode == "empirical" else None
@@ -140,6 +157,24 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
             sums[n] = flat[offset:offset + sums[n].numel()].view_as(sums[n])
             offset += sums[n].numel()
     return sums, count, frozen
+
+
+def _add_with_hooks(model, x, labels, sums, mode, draws, generator):
+    """One forward, then one batched backward per class (exact) or per draw (sampled/empirical)."""
+    x = x.detach().requires_grad_(True)  # gradients flow to the layer outputs; parameter grads are never formed
+    with per_sample.SquaredGradAccumulator(model, sums) as acc:
+        logp = logits_of(call_image_model(model, x)).float().log_softmax(-1)
+        probs = logp.detach().exp()
+        if mode == "exact":
+            targets = [(torch.full((len(x),), k, device=x.device), probs[:, k]) for k in range(logp.shape[1])]
+        elif mode == "empirical":
+            targets = [(labels, torch.ones(len(x), device=x.device))]
+        else:
+            drawn = torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator).to(x.device)
+            targets = [(drawn[:, d], torch.full((len(x),), 1.0 / draws, device=x.device)) for d in range(draws)]
+        for index, (y, weights) in enumerate(targets):
+            acc.weights = weights
+            torch.autograd.grad(logp.gather(1, y[:, None]).sum(), x, retain_graph=index < len(targets) - 1)
 
 
 def _add_exact(model, params, buffers, x, sums, class_chunk):
