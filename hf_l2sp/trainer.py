@@ -7,9 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import Trainer
 
@@ -27,12 +26,12 @@ from .parameters import (
     unwrap_model,
     validate_head_modules,
 )
-from .reference import Reference
-from .topology import check_supported
-from .resume import compare_anchors, is_complete, last_complete_checkpoint, load_anchor, mark_complete, save_anchor
 from .features import FEATURE_REGULARIZERS
+from .reference import Reference
 from .regularizer_spec import RegularizerSpec, parse_regularizer
 from .regularizers import L2, NoRegularizer, PenaltyTerms, Regularizer, get_regularizer_class
+from .resume import compare_anchors, is_complete, last_complete_checkpoint, load_anchor, mark_complete, save_anchor
+from .topology import check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ class SPTrainer(Trainer):
     def _check_penalty_finite(self) -> None:
         if self._sp_bad_step is not None and (step := int(self._sp_bad_step)) >= 0:
             raise FloatingPointError(
-                f"The {self.regularizer.name} penalty became NaN/inf at optimizer step {step} "
+                f"The {self.regularizer_spec.label} penalty became NaN/inf at optimizer step {step} "
                 f"({self.regularizer}). Training stopped before anything else was saved; lower the learning rate or "
                 "sp_alpha, or check the inputs of that step."
             )
@@ -263,6 +262,8 @@ class SPTrainer(Trainer):
         self.sp_reference = stored
         self._sp_params = None
         self._check_fisher_unchanged(checkpoint)
+        for feature in self.feature_regularizers:  # e.g. DELTA's channel attention: the run's, not a recomputed one
+            feature.load_state(checkpoint)
 
     def _check_fisher_unchanged(self, checkpoint: str) -> None:
         fisher = getattr(self.regularizer, "fisher", None)

@@ -190,3 +190,18 @@ def test_card_cites_the_feature_penalty(tmp_path):
     assert "Omega_bss(w) = eta" in text and "@inproceedings{chen2019catastrophic" in text
     assert "@inproceedings{li2018explicit" in text and "feature penalty `bss`" in text
     assert "regularizer:bss" in text and "regularizer:l2_sp" in text
+
+
+def test_resume_restores_the_runs_channel_attention(tmp_path):
+    args = sp_config(tmp_path, regularizer="delta", sp_delta_layers="stage", sp_delta_warmup_steps=20,
+                     per_device_train_batch_size=16, max_steps=2, save_strategy="steps", save_steps=2)
+    first = SPTrainer(model=Toy(), args=args, train_dataset=toy_data())
+    first.train()
+    saved = first.feature_regularizers[0].weights["stage"].clone()
+    later = SPTrainer(model=Toy(), args=sp_config(tmp_path, regularizer="delta", sp_delta_layers="stage",
+                                                  sp_delta_warmup_steps=1, per_device_train_batch_size=16,
+                                                  max_steps=3),
+                      train_dataset=toy_data())
+    assert not torch.allclose(later.feature_regularizers[0].weights["stage"], saved)  # another warm-up, other W
+    later.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    torch.testing.assert_close(later.feature_regularizers[0].weights["stage"], saved)

@@ -50,5 +50,8 @@ class FeatureRegularizer:
         """Tensors to save with the run and each checkpoint (file name -> tensors), e.g. attention weights."""
         return {}
 
+    def load_state(self, folder: str) -> None:
+        """Restore what `state_files` saved, from a checkpoint folder (no-op when nothing was saved)."""
+
     def config_dict(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -131,6 +131,11 @@ class DELTA(FeatureRegularizer):
         return {ATTENTION_FILE: {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}} if \
             self.weights else {}
 
+    def load_state(self, folder: str) -> None:
+        if self.weights and (Path(folder) / ATTENTION_FILE).is_file():
+            device = next(iter(self.weights.values())).device
+            self.weights = {k: v.to(device) for k, v in self._load_weights(folder).items()}
+
     def config_dict(self) -> dict[str, Any]:
         return {"name": self.name, "alpha": self.alpha, "layers": self.layers,
                 "attention": self.attention_spec if self.attention_spec in ("uniform", "computed") else "file"}
