@@ -65,6 +65,7 @@ class SquaredGradAccumulator:
             raise ValueError("model has parameter-holding layers without a per-sample rule; use the vmap path.")
         self.weights: Tensor | None = None
         self._inputs: dict[str, Tensor] = {}
+        self._cols: dict[str, Tensor] = {}  # unfolded conv inputs, reused by every backward pass of the batch
         self._handles: list = []
 
     def __enter__(self):
@@ -79,6 +80,7 @@ class SquaredGradAccumulator:
             handle.remove()
         self._handles.clear()
         self._inputs.clear()
+        self._cols.clear()
 
     def _forward_hook(self, name, module):
         def hook(_module, args, output):
@@ -95,12 +97,29 @@ class SquaredGradAccumulator:
 
     @torch.no_grad()
     def _accumulate(self, name: str, module: nn.Module, grad: Tensor) -> None:
-        a, g, w = self._inputs[name].float(), grad.float(), self.weights
+        g, w = grad.float(), self.weights
+        if isinstance(module, nn.Conv2d):
+            if name not in self._cols:
+                self._cols[name] = _unfold(module, self._inputs[name].float())
+            a = self._cols[name]
+        else:
+            a = self._inputs[name].float()
         prefix = f"{name}." if name else ""
         for param_name, per_sample in _per_sample_grads(module, a, g).items():
             key = prefix + param_name
             if key in self.sums:
                 self.sums[key] += torch.einsum("b,b...->...", w, per_sample.square())
+
+
+def _unfold(module: nn.Conv2d, a: Tensor) -> Tensor:
+    """(batch, Cin*kh*kw, L) patches of the conv input, padded as the layer pads (timm's Conv2dSame included)."""
+    padding = module.padding
+    if _is_conv_same(module):
+        from timm.layers.padding import pad_same
+
+        a = pad_same(a, module.kernel_size, module.stride, module.dilation)
+        padding = (0, 0)
+    return F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
 
 
 def _per_sample_grads(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -115,16 +134,9 @@ def _per_sample_grads(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tens
         if module.bias is not None:
             out["bias"] = bias
         return out
-    if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        if _is_conv_same(module):
-            from timm.layers.padding import pad_same
-
-            a = pad_same(a, module.kernel_size, module.stride, module.dilation)
-            padding = (0, 0)
-        cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    if isinstance(module, nn.Conv2d):  # `a` is the unfolded input (see _unfold)
         batch, groups = a.shape[0], module.groups
-        cols = cols.view(batch, groups, -1, cols.shape[-1])
+        cols = a.view(batch, groups, -1, a.shape[-1])
         grads = g.flatten(2).view(batch, groups, -1, cols.shape[-1])
         out = {"weight": torch.einsum("bgol,bgil->bgoi", grads, cols).reshape(batch, *module.weight.shape)}
         if module.bias is not None:
