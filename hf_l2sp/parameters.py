@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 #: Path components that wrappers insert into parameter names (DDP, torch.compile, FSDP, activation checkpointing).
@@ -210,7 +209,3 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
             sets.head_names.append(cname)
             sets.head.append(param)
     return sets
-
-
-def trainable_named_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {canonical_name(n): p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}

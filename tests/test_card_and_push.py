@@ -9,7 +9,6 @@ from huggingface_hub import HfApi, ModelCard
 
 from hf_l2sp import SPTrainer
 from hf_l2sp.cli import main
-from hf_l2sp.hub import IGNORE_PATTERNS
 
 from .helpers import save_timm_folder, sp_config, tensor_dataset, timm_classifier, write_parquet_repo
 

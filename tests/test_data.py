@@ -3,7 +3,6 @@
 import io
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image

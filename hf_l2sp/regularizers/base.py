@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from ..parameters import local_view
@@ -103,7 +102,3 @@ class Regularizer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.config_dict().items() if k != "name")
         return f"{type(self).__name__}({args})"
-
-
-def zeros_like_scalar(device: torch.device | None = None) -> Tensor:
-    return torch.zeros((), dtype=torch.float32, device=device)

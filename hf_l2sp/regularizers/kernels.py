@@ -46,8 +46,9 @@ class HalfSquaredDistance(torch.autograd.Function):
             if weights is None:
                 value = 0.5 * sq_distance
             else:
-                torch._foreach_mul_(diffs, weights)  # c (w - a): the gradient direction
-                value = 0.5 * _weighted_dot(diffs, p32, anchors)
+                weighted = torch._foreach_mul(diffs, weights)  # c (w - a): the gradient direction
+                value = 0.5 * torch.stack([torch.dot(c.flatten(), d.flatten()) for c, d in zip(weighted, diffs)]).sum()
+                diffs = weighted
         ctx.diffs = diffs
         ctx.dtypes = [p.dtype for p in params]
         ctx.mark_non_differentiable(sq_distance)
@@ -59,12 +60,6 @@ class HalfSquaredDistance(torch.autograd.Function):
         torch._foreach_mul_(grads, grad_value)
         grads = [g if g.dtype == d else g.to(d) for g, d in zip(grads, ctx.dtypes)]
         return (None, None, *grads)
-
-
-def _weighted_dot(weighted: list[Tensor], p32: list[Tensor], anchors: list[Tensor] | None) -> Tensor:
-    """sum c (w - a)^2 given c (w - a): sum over tensors of <c (w - a), w - a>."""
-    diffs = torch._foreach_sub(p32, anchors) if anchors is not None else p32
-    return torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(weighted, diffs)]).sum()
 
 
 class AbsoluteDistance(torch.autograd.Function):
