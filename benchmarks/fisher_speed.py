@@ -1,7 +1,8 @@
 """Exact diagonal Fisher: per-sample autograd loop vs hf_l2sp's estimate_fisher (per-layer hooks, torch.func vmap).
 
     python benchmarks/fisher_speed.py            # resnet18, 64 px, 256 samples, 10 classes (several minutes)
-    python benchmarks/fisher_speed.py --quick    # 32 samples (about a minute)
+    python benchmarks/fisher_speed.py --quick    # 32 samples (about two minutes)
+    python benchmarks/fisher_speed.py --methods loop,hooks   # skip vmap (slowest) on the full size
 
 Each method runs in its own process so that its peak resident memory (ru_maxrss) is its own. Prints samples per
 second, peak RSS and the speed-up; both methods must agree (max relative difference printed).
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--methods", default="loop,hooks,vmap",
+                        help="Comma-separated methods; the loop always runs first (it is the reference).")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -87,7 +90,7 @@ def main() -> None:
 
     rows, files = [], {}
     tmp = tempfile.mkdtemp()
-    methods = ("loop", "hooks", "vmap")
+    methods = ("loop",) + tuple(m for m in args.methods.split(",") if m and m != "loop")
     for method in methods:
         files[method] = os.path.join(tmp, f"{method}.safetensors")
         cmd = [sys.executable, __file__, "--worker", method, "--samples", str(samples), "--size", str(args.size),

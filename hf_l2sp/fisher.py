@@ -161,7 +161,6 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
 
 def _add_with_hooks(model, x, labels, sums, mode, draws, generator):
     """One forward, then one batched backward per class (exact) or per draw (sampled/empirical)."""
-    x = x.detach().requires_grad_(True)  # gradients flow to the layer outputs; parameter grads are never formed
     with per_sample.SquaredGradAccumulator(model, sums) as acc:
         logp = logits_of(call_image_model(model, x)).float().log_softmax(-1)
         probs = logp.detach().exp()
@@ -172,9 +171,14 @@ def _add_with_hooks(model, x, labels, sums, mode, draws, generator):
         else:
             drawn = torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator).to(x.device)
             targets = [(drawn[:, d], torch.full((len(x),), 1.0 / draws, device=x.device)) for d in range(draws)]
+        if not acc.targets:
+            raise ValueError("estimate_fisher: no layer output requires grad; the model has no trainable parameters.")
+        acc.passes = len(targets)  # picks each layer's route (see per_sample.py)
         for index, (y, weights) in enumerate(targets):
             acc.weights = weights
-            torch.autograd.grad(logp.gather(1, y[:, None]).sum(), x, retain_graph=index < len(targets) - 1)
+            # Gradients with respect to the hooked layer outputs only: parameter gradients are never formed.
+            torch.autograd.grad(logp.gather(1, y[:, None]).sum(), acc.targets, retain_graph=index < len(targets) - 1,
+                                allow_unused=True)
 
 
 def _add_exact(model, params, buffers, x, sums, class_chunk):

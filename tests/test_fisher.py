@@ -85,6 +85,46 @@ def test_per_layer_rules_on_real_timm_networks(architecture):
     assert_fisher_close(fisher, brute_force(model, data, "exact"), rtol=1e-4, atol_share=1e-6)
 
 
+class TokenMixer(nn.Module):
+    """Conv stem, then a Linear applied to every spatial token (per-sample gradients summed over tokens)."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem, self.mix, self.head = nn.Conv2d(3, 6, 3, stride=2), nn.Linear(6, 5), nn.Linear(5, classes)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, 9, 6)
+        return self.head(torch.tanh(self.mix(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("model_fn", [lambda: tiny_source(classes=5), lambda: TokenMixer()], ids=["conv", "tokens"])
+def test_gram_route_equals_the_direct_route_and_the_loop(model_fn, monkeypatch):
+    """Layers with few output positions expand the square (per_sample.py); both routes must give the loop's values."""
+    from hf_l2sp import per_sample
+
+    torch.manual_seed(0)
+    model = model_fn().eval()
+    data = batches(n=6, batch=3)
+    routed = []
+    finish = per_sample.SquaredGradAccumulator.finish
+
+    def spy(self):
+        routed.extend(self._gram)
+        return finish(self)
+
+    monkeypatch.setattr(per_sample.SquaredGradAccumulator, "finish", spy)
+    monkeypatch.setattr(per_sample, "_SQUARING_COST", 1000)  # every layer small enough takes the Gram route
+    gram = estimate_fisher(model, data, "exact", method="hooks")
+    assert routed, "no layer took the Gram route"
+    routed.clear()
+    monkeypatch.setattr(per_sample, "GRAM_BUDGET", 0)  # nothing fits: every layer forms per-sample gradients
+    direct = estimate_fisher(model, data, "exact", method="hooks")
+    assert not routed
+    loop = brute_force(model, data, "exact")
+    assert_fisher_close(gram, loop)
+    assert_fisher_close(direct, loop)
+
+
 def test_chunking_and_batching_change_nothing():
     model = tiny_source()
     reference = estimate_fisher(model, batches(batch=12), "exact", chunk_size=12, class_chunk=5)
