@@ -110,6 +110,9 @@ def test_results_files_are_complete_and_parse(finished):
         assert row["regularizer"] in REGS and row["phase"] in ("lr", "grid", "final")
         if row["phase"] == "final":
             float(row["test_accuracy"])
+    records = [json.loads(line) for line in paths["records"].read_text().splitlines()]
+    assert sorted(r["key"] for r in records) == sorted(row["key"] for row in rows)
+    assert all(len(r["drift_layers"]) > 10 for r in records)
     table = paths["markdown"].read_text()
     assert "hf-l2sp study --test" in table and "| l2_sp | alpha=" in table and "| none | - |" in table
     for plot in (paths["accuracy_plot"], paths["drift_plot"]):

@@ -1,4 +1,5 @@
-"""Study outputs from the run records: results.csv (every run), results.md (tables), accuracy.png, drift.png."""
+"""Study outputs from the run records: results.csv (every run), runs.jsonl (every record, per-layer drift included),
+results.md (tables), accuracy.png and drift.png."""
 
 from __future__ import annotations
 
@@ -207,9 +208,11 @@ def plot_drift(records: list[dict], path: Path, regularizers=("none", "l2", "l2_
 def write_report(results_dir: Path, selection: dict, meta: dict) -> dict[str, Path]:
     results_dir = Path(results_dir)
     records = load_records(results_dir)
-    paths = {"csv": results_dir / "results.csv", "markdown": results_dir / "results.md",
+    paths = {"csv": results_dir / "results.csv", "records": results_dir / "runs.jsonl",
+             "markdown": results_dir / "results.md",
              "accuracy_plot": results_dir / "accuracy.png", "drift_plot": results_dir / "drift.png"}
     write_csv(records, paths["csv"])
+    paths["records"].write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     paths["markdown"].write_text(markdown(records, selection, meta))
     plot_accuracy(records, paths["accuracy_plot"])
     plot_drift(records, paths["drift_plot"])
