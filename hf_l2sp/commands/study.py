@@ -3,13 +3,15 @@
     hf-l2sp study --output results/study                 # the full study (resumable: rerun to continue)
     hf-l2sp study --quick --output results/quick         # one dataset, two sizes, two seeds, no grid
 
-Writes results.csv (every run), results.md, accuracy.png, drift.png, selection.json and command.txt.
+Writes results.csv (every run), runs.jsonl, results.md, accuracy.png, drift.png, selection.json, command.txt
+and invocations.jsonl (one line per invocation: commit, start, minutes, runs executed).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -22,6 +24,8 @@ from pathlib import Path
 from ..study import Study, full_plan, quick_plan, write_report
 from ..study.protocol import REGULARIZERS
 from ..study.sources import source_summary
+
+INVOCATIONS = "invocations.jsonl"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -74,12 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         selection[setting.name]["description"] = setting.description
         selection[setting.name]["source"] = source_summary(output, setting)
     command = "hf-l2sp study " + " ".join(shlex.quote(a) for a in argv)
-    executed = sum(p.executed for p in study.phases)
-    meta = {"command": command, "git_commit": _git_commit(), "workers": args.workers,
-            "flush_denormal": not args.no_flush_denormal,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-            "wall_time": f"{(time.time() - start) / 60:.1f} min for the {executed} runs executed by this "
-                         "invocation (0 when every run was already recorded)"}
+    invocation = {"command": command, "git_commit": _git_commit(), "workers": args.workers,
+                  "flush_denormal": not args.no_flush_denormal,
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start)),
+                  "minutes": round((time.time() - start) / 60, 1),
+                  "runs_executed": sum(p.executed for p in study.phases)}
+    history = output / INVOCATIONS
+    with history.open("a") as handle:  # a resumed study adds a line: the record of what each invocation did
+        handle.write(json.dumps(invocation) + "\n")
+    invocations = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    meta = {**invocation, "invocations": invocations}
     paths = write_report(output, selection, meta)
     (output / "command.txt").write_text(command + "\n")
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))

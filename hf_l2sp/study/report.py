@@ -79,9 +79,12 @@ def markdown(records: list[dict], selection: dict, meta: dict) -> str:
     sizes = sorted({size for (_, _, size) in table})
     regs = sorted({reg for (_, reg, _) in table}, key=_order)
     lines = ["# Transfer study results", "", f"Command: `{meta.get('command', '?')}`", ""]
-    for key in ("git_commit", "machine", "workers", "wall_time", "flush_denormal"):
+    for key in ("machine", "workers", "flush_denormal"):
         if key in meta:
             lines.append(f"- {key.replace('_', ' ')}: {meta[key]}")
+    for run in meta.get("invocations", []):
+        lines.append(f"- invocation {run['started']} at commit {run['git_commit']}: {run['runs_executed']} runs "
+                     f"executed in {run['minutes']} min (`{run['command']}`)")
     lines += ["", "Test accuracy in %, mean ± std over seeds. Δ vs l2: paired difference in points on the same seeds "
               "(same training subset, validation carve and head init), with wins/losses and a paired t-test p. "
               "Drift: ||w - w0|| / ||w0|| over the pretrained tensors after fine-tuning, mean over seeds.", ""]
