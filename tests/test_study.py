@@ -112,7 +112,15 @@ def test_results_files_are_complete_and_parse(finished):
             float(row["test_accuracy"])
     records = [json.loads(line) for line in paths["records"].read_text().splitlines()]
     assert sorted(r["key"] for r in records) == sorted(row["key"] for row in rows)
-    assert all(len(r["drift_layers"]) > 10 for r in records)
+    import timm
+
+    from hf_l2sp.parameters import conv_or_linear_weight_names
+
+    weights = conv_or_linear_weight_names(timm.create_model("test_resnet", num_classes=3))
+    for r in records:
+        assert len(r["drift_layers"]) == len(r["drift_layer_names"]) == len(r["drift_layer_penalised"]) > 10
+        flags = [n.removeprefix("timm_model.") in weights for n in r["drift_layer_names"]]
+        assert r["drift_layer_penalised"] == flags and any(flags) and not all(flags)
     table = paths["markdown"].read_text()
     assert "hf-l2sp study --test" in table and "| l2_sp | alpha=" in table and "| none | - |" in table
     for plot in (paths["accuracy_plot"], paths["drift_plot"]):

@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                   "minutes": round((time.time() - start) / 60, 1),
                   "runs_executed": sum(p.executed for p in study.phases)}
     history = output / INVOCATIONS
-    with history.open("a") as handle:  # a resumed study adds a line: the record of what each invocation did
-        handle.write(json.dumps(invocation) + "\n")
+    if invocation["runs_executed"] or not history.is_file():  # each invocation that ran something adds a line
+        with history.open("a") as handle:
+            handle.write(json.dumps(invocation) + "\n")
     invocations = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
     meta = {**invocation, "invocations": invocations}
     paths = write_report(output, selection, meta)

@@ -174,7 +174,9 @@ def plot_accuracy(records: list[dict], path: Path) -> None:
 
 
 def plot_drift(records: list[dict], path: Path, regularizers=("none", "l2", "l2_sp")) -> None:
-    """Per-layer relative drift from w0 (mean over seeds) for plain FT, L2 and L2-SP: the paper's analysis."""
+    """Per-layer relative drift from w0 of the conv and linear weights (mean over seeds) for plain FT, L2 and
+    L2-SP: the paper's analysis. BatchNorm tensors are left out: their w0 can be ~0 (biases) and their scale is
+    not what the penalties act on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,20 +194,40 @@ def plot_drift(records: list[dict], path: Path, regularizers=("none", "l2", "l2_
                 cell = table.get((setting, reg, size))
                 if not cell:
                     continue
-                layers = [r["drift_layers"] for r in cell.values()]
+                keep = _penalised_mask(next(iter(cell.values())))
+                layers = [[v for v, k in zip(r["drift_layers"], keep) if k] for r in cell.values()]
                 mean = [statistics.fmean(v for v in values if v is not None) if any(v is not None for v in values)
                         else math.nan for values in zip(*layers)]
-                ax.plot(range(len(mean)), mean, lw=1, label=reg)
+                ax.plot(range(len(mean)), mean, lw=1, marker=".", ms=2, label=reg)
             ax.set_yscale("log")
             ax.set_title(f"{setting}, {size}/class", fontsize=9)
             ax.set_ylabel("||w - w0|| / ||w0||", fontsize=8)
             ax.grid(alpha=0.3)
     for ax in axes[-1]:
-        ax.set_xlabel("parameter tensor (forward order)")
+        ax.set_xlabel("conv / linear weight (forward order)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+_LAYOUTS: dict[tuple[str, str], list[bool]] = {}
+
+
+def _penalised_mask(record: dict) -> list[bool]:
+    """Which entries of `drift_layers` are conv/linear weights (rebuilt from the model for older records)."""
+    if "drift_layer_penalised" in record:
+        return record["drift_layer_penalised"]
+    key = (record["model"], record["dataset"])
+    if key not in _LAYOUTS:
+        from .runs import layer_layout
+
+        names, penalised = layer_layout(*key)
+        if len(names) != len(record["drift_layers"]):
+            raise ValueError(f"{record['key']}: {len(record['drift_layers'])} drift entries but the model has "
+                             f"{len(names)} backbone tensors; cannot label them.")
+        _LAYOUTS[key] = penalised
+    return _LAYOUTS[key]
 
 
 def write_report(results_dir: Path, selection: dict, meta: dict) -> dict[str, Path]:
