@@ -194,7 +194,7 @@ def plot_drift(records: list[dict], path: Path, regularizers=("none", "l2", "l2_
                 cell = table.get((setting, reg, size))
                 if not cell:
                     continue
-                keep = _penalised_mask(next(iter(cell.values())))
+                keep = next(iter(cell.values()))["drift_layer_penalised"]
                 layers = [[v for v, k in zip(r["drift_layers"], keep) if k] for r in cell.values()]
                 mean = [statistics.fmean(v for v in values if v is not None) if any(v is not None for v in values)
                         else math.nan for values in zip(*layers)]
@@ -209,25 +209,6 @@ def plot_drift(records: list[dict], path: Path, regularizers=("none", "l2", "l2_
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-_LAYOUTS: dict[tuple[str, str], list[bool]] = {}
-
-
-def _penalised_mask(record: dict) -> list[bool]:
-    """Which entries of `drift_layers` are conv/linear weights (rebuilt from the model for older records)."""
-    if "drift_layer_penalised" in record:
-        return record["drift_layer_penalised"]
-    key = (record["model"], record["dataset"])
-    if key not in _LAYOUTS:
-        from .runs import layer_layout
-
-        names, penalised = layer_layout(*key)
-        if len(names) != len(record["drift_layers"]):
-            raise ValueError(f"{record['key']}: {len(record['drift_layers'])} drift entries but the model has "
-                             f"{len(names)} backbone tensors; cannot label them.")
-        _LAYOUTS[key] = penalised
-    return _LAYOUTS[key]
 
 
 def write_report(results_dir: Path, selection: dict, meta: dict) -> dict[str, Path]:

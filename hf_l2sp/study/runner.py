@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .protocol import GRIDS, Setting, StudyPlan, default_value, grid_point
 from .runs import RunSpec, execute, read_record, result_path
-from .selection import Choice, choose
+from .selection import choose
 from .sources import prepare_setting
 
 logger = logging.getLogger("hf_l2sp.study")
@@ -177,9 +177,3 @@ class Study:
 def _of(records: list[dict], setting: str) -> list[dict]:
     return [r for r in records if r["setting"] == setting]
 
-
-def load_selection(results_dir: Path) -> dict:
-    return json.loads((Path(results_dir) / SELECTION_FILE).read_text())
-
-
-__all__ = ["Study", "Choice", "configure_process", "load_selection"]

@@ -139,21 +139,3 @@ def read_record(path: Path) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
 
-
-def layer_layout(model: str, dataset: str) -> tuple[list[str], list[bool]]:
-    """Names and penalised flags (conv/linear weights) of the tensors in a run's `drift_layers`, in that order.
-
-    For records written before runs stored them: the tensors compute_drift walks are the backbone's parameters
-    in forward order, the new head excluded.
-    """
-    from ..data import DataArguments, load_image_dataset
-    from ..modeling import load_backbone
-    from ..parameters import canonical_name, conv_or_linear_weight_names, find_head_modules, head_parameter_names
-
-    labels = load_image_dataset(DataArguments(dataset_name=dataset)).id2label
-    network, _ = load_backbone(model, labels)
-    head = head_parameter_names(network, find_head_modules(network))
-    weights = conv_or_linear_weight_names(network)
-    names = [canonical_name(n) for n, _ in network.named_parameters()]
-    names = [n for n in names if n not in head]
-    return names, [n in weights for n in names]
