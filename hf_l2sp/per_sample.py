@@ -78,8 +78,8 @@ class SquaredGradAccumulator:
     `weights` before each pass. Everything is in `sums` once the context exits (or after `finish()`).
     """
 
-    def __init__(self, model: nn.Module, sums: dict[str, Tensor], passes: int = 1, gram: bool = True):
-        self.model, self.sums, self.passes, self.gram = model, sums, passes, gram
+    def __init__(self, model: nn.Module, sums: dict[str, Tensor], passes: int = 1):
+        self.model, self.sums, self.passes = model, sums, passes
         self.layers = owners(model, set(sums))
         if self.layers is None:
             raise ValueError("model has parameter-holding layers without a per-sample rule; use the vmap path.")
@@ -155,7 +155,7 @@ class SquaredGradAccumulator:
 
     def _use_gram(self, name: str, module: nn.Module, grad: Tensor) -> bool:
         key = f"{name}.weight" if name else "weight"
-        if not self.gram or isinstance(module, nn.BatchNorm2d) or key not in self.sums:
+        if isinstance(module, nn.BatchNorm2d) or key not in self.sums:
             return False
         positions = grad[0, 0].numel() if isinstance(module, nn.Conv2d) else grad[0].numel() // grad.shape[-1]
         pairs = positions * (positions + 1) // 2

@@ -20,7 +20,7 @@ def tiny_plan(tmp_path_factory):
     data = write_parquet_repo(tmp_path_factory.mktemp("tiny_data"), splits={"train": 60, "test": 15},
                               image_col="image", label_col="label")
     setting = Setting("tiny", "near", "", data, FisherPlan(data, mode="exact", num_samples=8),
-                      pretrain=SourcePretraining("test_resnet", data, epochs=1, image_size=16),
+                      pretrain=SourcePretraining("test_resnet", data, epochs=1),
                       validation_fraction=0.25, image_size=16)
     schedule = Schedule(steps_per_size={4: 2, 8: 2}, learning_rates=(0.01, 0.05), batch_size=4, eval_batch_size=32,
                         delta_warmup_steps=1)

@@ -32,13 +32,13 @@ class FisherPlan:
 
 @dataclass(frozen=True)
 class SourcePretraining:
-    """A source network the study trains itself (near transfer): random init of `architecture`, then `dataset`."""
+    """A source network the study trains itself (near transfer): random init of `architecture`, then `dataset`,
+    at the setting's image size."""
 
     architecture: str
     dataset: str
     epochs: int = 6
     learning_rate: float = 0.05
-    image_size: int = 32
 
 
 @dataclass(frozen=True)

@@ -45,14 +45,14 @@ def pretrain_source(setting: Setting, output: Path) -> Path:
     torch.manual_seed(0)
     model = timm.create_model(spec.architecture, pretrained=False, num_classes=len(labels))
     model.pretrained_cfg = {**model.pretrained_cfg, "label_names": labels,
-                            "input_size": (3, spec.image_size, spec.image_size)}
+                            "input_size": (3, setting.image_size, setting.image_size)}
     save_for_hf(model, str(init), safe_serialization=True)
     config = json.loads((init / "config.json").read_text())
     config.pop("model_args", None)
     (init / "config.json").write_text(json.dumps(config, indent=2))
     logger.info("Pretraining the near-transfer source %s on %s", spec.architecture, spec.dataset)
     argv = ["--model_name_or_path", str(init), "--dataset_name", spec.dataset, "--regularizer", "none",
-            "--image_size", str(spec.image_size), "--augmentation", "none", "--output_dir", str(output),
+            "--image_size", str(setting.image_size), "--augmentation", "none", "--output_dir", str(output),
             "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", str(spec.learning_rate),
             "--lr_scheduler_type", "cosine", "--warmup_steps", "20", "--num_train_epochs", str(spec.epochs),
             "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "256",
