@@ -1,8 +1,8 @@
 """How far the fine-tuned backbone moved from its starting point, per layer and per stage (the paper's analysis).
 
 For every anchored tensor: distance ||w - w0||_2, reference norm ||w0||_2 and relative distance ||w - w0|| / ||w0||.
-Stages come from timm's `feature_info` (the modules whose outputs are the backbone's stage outputs); tensors before
-the first stage are `stem`, after the last `head`. Stage and total distances are Euclidean over their tensors.
+Stages come from `stages.stage_modules` (timm's `feature_info`, or a transformers CNN's `encoder.stages`);
+tensors before the first stage are `stem`, after the last `head`. Stage and total distances are Euclidean over their tensors.
 """
 
 from __future__ import annotations
@@ -15,30 +15,29 @@ import torch
 from torch import Tensor, nn
 
 from .parameters import canonical_name, unwrap_model
+from .stages import stage_modules
 
 DRIFT_JSON = "drift.json"
 DRIFT_PNG = "drift.png"
 
 
-def _stage_prefixes(model: nn.Module) -> list[str]:
-    inner = unwrap_model(model)
-    timm_model = getattr(inner, "timm_model", inner)
-    prefix = "timm_model." if timm_model is not inner else ""
-    info = getattr(timm_model, "feature_info", None)
-    modules = [f.get("module") for f in info] if isinstance(info, list) else []
-    return [prefix + m for m in modules if m]
+def compute_drift(model: nn.Module, reference: dict[str, Tensor], penalised: set[str] | None = None,
+                  values: dict[str, Tensor] | None = None) -> dict:
+    """Per-layer and per-stage drift of `model` from `reference` (canonical name -> w0).
 
-
-def compute_drift(model: nn.Module, reference: dict[str, Tensor], penalised: set[str] | None = None) -> dict:
-    """Per-layer and per-stage drift of `model` from `reference` (canonical name -> w0)."""
-    stage_of = _StageTracker(_stage_prefixes(model))
+    `values` (canonical name -> tensor) replaces the model's own parameters, e.g. the full state dict gathered from
+    FSDP2 shards; names missing from it are skipped.
+    """
+    stage_of = _StageTracker(stage_modules(model))
     layers, stage_sums = [], {}
     with torch.no_grad():
         for depth, (name, param) in enumerate(
                 (canonical_name(n), p) for n, p in unwrap_model(model).named_parameters()):
             stage = stage_of(name)
+            if values is not None:
+                param = values.get(name)
             anchor = reference.get(name)
-            if anchor is None or tuple(anchor.shape) != tuple(param.shape):
+            if param is None or anchor is None or tuple(anchor.shape) != tuple(param.shape):
                 continue
             diff = param.detach().float().cpu() - anchor.detach().float().cpu()
             sq_dist, sq_ref = diff.square().sum().item(), anchor.float().square().sum().item()

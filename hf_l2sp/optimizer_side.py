@@ -1,14 +1,18 @@
 """Quadratic penalties applied in the optimizer step instead of through the loss (`sp_mode`).
 
-    grad       .grad += coef * c * (w - a)       once per optimizer step, the exact gradient of Omega (equal to
-               sp_mode='loss'); the logged value is computed without a graph.
+    grad       .grad += coef * c * (w - a)       once per optimizer step, the exact gradient of Omega, added where
+               the loss path would have it: before gradient clipping and the gradient-norm log (SPTrainer calls
+               `add_gradient` from `_clip_grad_norm`), so the result equals sp_mode='loss' with clipping too. The
+               logged value is computed without a graph.
     decoupled  w <- w - lr * coef * c * (w - a)  before the optimizer's own update, as AdamW decouples weight
-               decay: Adam's per-coordinate scaling no longer rescales the pull toward w0 (cf. RecAdam's update).
-               A different method from the paper's coupled penalty; equal to it for plain SGD without momentum.
+               decay: it acts outside gradient clipping, and Adam's per-coordinate scaling no longer rescales the
+               pull toward w0 (cf. RecAdam's update). A different method from the paper's coupled penalty; equal to
+               it for plain SGD without momentum and without clipping.
 
-`a` is w0 (or 0 for plain L2) and `c` the Fisher weights (or 1); the new head gets beta the same way. The hook is
-a step pre-hook of the torch optimizer, so under fp16 it runs after the gradient scaler has unscaled the
-gradients, and is skipped with the step when they overflowed.
+`a` is w0 (or 0 for plain L2) and `c` the Fisher weights (or 1); the new head gets beta the same way. A step
+pre-hook of the torch optimizer applies `decoupled`, and `grad` when nothing added it earlier in the step; under
+fp16 that hook runs after the gradient scaler has unscaled the gradients, while `add_gradient` before clipping
+multiplies by the scale the gradients still carry.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .regularizers.base import PenaltyTerms, QuadraticForm
 from .regularizers.kernels import _sum_of_squares
 
 SP_MODES = ("loss", "grad", "decoupled")
+_NEVER = object()
 
 
 class OptimizerSidePenalty:
@@ -30,10 +35,14 @@ class OptimizerSidePenalty:
     handed to `on_terms` as `PenaltyTerms` (detached).
     """
 
-    def __init__(self, mode: str, form: QuadraticForm, params: SPParameters, on_terms=None):
+    def __init__(self, mode: str, form: QuadraticForm, params: SPParameters, on_terms=None, step_key=None):
         if mode not in ("grad", "decoupled"):
             raise ValueError(f"OptimizerSidePenalty mode must be 'grad' or 'decoupled', got {mode!r}.")
         self.mode, self.form, self.on_terms = mode, form, on_terms
+        # `grad` is added once per optimizer step: `step_key()` names the step (the trainer's global step), so a
+        # step the scaler skipped (no pre-hook call) cannot leave the next one without its gradient.
+        self._step_key = step_key or (lambda: None)
+        self._added_at: object = _NEVER
         self._anchored = {id(p): (p, a, w) for p, a, w in zip(
             params.anchored, params.anchors, form.weights or [None] * len(params.anchored))}
         self._head = {id(p): p for p in params.head}
@@ -41,6 +50,21 @@ class OptimizerSidePenalty:
 
     def attach(self, optimizer: torch.optim.Optimizer):
         return optimizer.register_step_pre_hook(self._hook)
+
+    def add_gradient(self, optimizer: torch.optim.Optimizer, scale: float = 1.0) -> None:
+        """`grad` mode: add the gradient of Omega now (before clipping), times `scale` (the fp16 loss scale the
+        gradients still carry). Does nothing if it was already added in this optimizer step."""
+        if self.mode == "grad" and self._added_at != (key := self._step_key()):
+            self._added_at = key
+            self._run(optimizer, scale)
+
+    def _hook(self, optimizer, _args, _kwargs) -> None:
+        if self.mode == "decoupled":
+            self._run(optimizer, 1.0)
+        else:
+            self.add_gradient(optimizer)
+        if self.mode == "grad" and self._step_key() is None:  # no step names: one addition per optimizer.step call
+            self._added_at = _NEVER
 
     def _split(self, optimizer) -> list[tuple]:
         groups = []
@@ -51,7 +75,7 @@ class OptimizerSidePenalty:
         return groups
 
     @torch.no_grad()
-    def _hook(self, optimizer, _args, _kwargs) -> None:
+    def _run(self, optimizer, scale: float) -> None:
         if self._groups is None:
             self._groups = self._split(optimizer)
         form = self.form
@@ -74,12 +98,12 @@ class OptimizerSidePenalty:
                 else:
                     anchored_value.append(0.5 * form.coef * (_sum_of_squares(pull) if pull is not diffs
                                                              else sq_distance[-1]))
-                self._apply(group, params, pull, form.coef)
+                self._apply(group, params, pull, form.coef * scale)
             if head:
                 head = [local_view(p) for p in head]
                 pull = [p.detach().float().clone() for p in head]
                 head_value.append(0.5 * form.head_coef * _sum_of_squares(pull))
-                self._apply(group, head, pull, form.head_coef)
+                self._apply(group, head, pull, form.head_coef * scale)
         if self.on_terms is not None:
             zero = torch.zeros(())
             head_total = sum(head_value, zero)

@@ -162,20 +162,35 @@ def is_sharded(tensor: Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def fsdp_unsharded_now(model: nn.Module) -> bool:
+    """True while an FSDP2 unit of `model` holds its gathered (plain) parameters, between its forward and backward.
+
+    Its registered parameters are then temporary full tensors, not the shards the optimizer steps.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) and not all(
+        is_sharded(p) for p in model.parameters())
+
+
 def local_view(tensor: Tensor) -> Tensor:
     """The rank's own shard of a DTensor (differentiable), or the tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 def local_anchor(anchor: Tensor, param: Tensor) -> Tensor:
-    """The part of a full anchor that lines up with the local shard of `param` (FSDP2: uneven dim-0 shards too)."""
+    """The part of an anchor that lines up with the local shard of `param` (FSDP2: uneven dim-0 shards too).
+
+    An anchor already sharded like its parameter (`Reference.shard_like`) is just its local tensor; a full anchor
+    is sliced locally (`src_data_rank=None`: every process holds the same full tensor, nothing is sent).
+    """
+    if is_sharded(anchor):
+        return anchor.to_local()
     if not is_sharded(param):
         return anchor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor import distribute_tensor
 
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    return anchor[index].contiguous()
+    return distribute_tensor(anchor, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: str) -> SPParameters:

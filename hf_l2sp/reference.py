@@ -13,7 +13,15 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .parameters import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
+from .parameters import (
+    base_prefix,
+    canonical_name,
+    checkpoint_key,
+    head_parameter_names,
+    is_sharded,
+    local_view,
+    unwrap_model,
+)
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -100,12 +108,41 @@ class Reference:
 
     def _hash(self) -> str:
         digest = hashlib.sha256()
-        for name in sorted(self.tensors):
-            tensor = self.tensors[name].detach().cpu().contiguous()
+        tensors = self.full_tensors()
+        for name in sorted(tensors):
+            tensor = tensors[name].detach().cpu().contiguous()
             digest.update(name.encode())
             digest.update(json.dumps(list(tensor.shape)).encode())
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
+
+    def shard_like(self, model: nn.Module) -> None:
+        """FSDP2: replace each anchor whose parameter is a DTensor shard by a DTensor sharded the same way.
+
+        Each process then holds only its own shard of w0 (sliced locally, no communication) and the full copy is
+        freed. The fingerprint is taken first, from the full tensors, so a resumed run can still verify it.
+        """
+        targets = {}
+        for name, param in unwrap_model(model).named_parameters():
+            anchor = self.tensors.get(canonical_name(name))
+            if anchor is not None and is_sharded(param) and not is_sharded(anchor) and anchor.shape == param.shape:
+                targets[canonical_name(name)] = param
+        if not targets:
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        self.fingerprint()
+        for name, param in targets.items():
+            local = self.tensors[name].to(local_view(param).device)
+            self.tensors[name] = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
+
+    def full_tensors(self) -> dict[str, Tensor]:
+        """Name -> full anchor. With FSDP2 shards this gathers them: every process must call it (a collective)."""
+        return {name: t.full_tensor() if is_sharded(t) else t for name, t in self.tensors.items()}
+
+    def local_bytes(self) -> int:
+        """Bytes of w0 this process holds (its shards only, under FSDP2)."""
+        return sum(local_view(t).numel() * local_view(t).element_size() for t in self.tensors.values())
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.tensors.values())

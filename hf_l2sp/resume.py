@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from .reference import Reference
 
@@ -22,10 +23,12 @@ COMPLETE_MARKER = "sp_checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def save_anchor(reference: Reference, folder: str | os.PathLike) -> None:
+def save_anchor(reference: Reference, folder: str | os.PathLike, tensors: dict[str, Tensor] | None = None) -> None:
+    """Write w0 to `folder`; `tensors` are the full anchors when the reference holds FSDP2 shards."""
+    tensors = reference.tensors if tensors is None else tensors
     path = Path(folder) / ANCHOR_FILE
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in reference.tensors.items()}, str(tmp),
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"fingerprint": reference.fingerprint(), "source": reference.source})
     os.replace(tmp, path)
 

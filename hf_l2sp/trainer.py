@@ -20,6 +20,8 @@ from .fisher_io import load_fisher, save_fisher
 from .optimizer_side import OptimizerSidePenalty
 from .parameters import (
     SPParameters,
+    canonical_name,
+    fsdp_unsharded_now,
     find_head_modules,
     parse_head_option,
     resolve_parameters,
@@ -27,6 +29,7 @@ from .parameters import (
     validate_head_modules,
 )
 from .features import FEATURE_REGULARIZERS
+from .penalty_log import PenaltyLog
 from .reference import Reference
 from .regularizer_spec import RegularizerSpec, parse_regularizer
 from .regularizers import L2, NoRegularizer, PenaltyTerms, Regularizer, get_regularizer_class
@@ -69,29 +72,38 @@ class SPTrainer(Trainer):
                 f"SPTrainer needs an SPConfig, got {type(args).__name__}. Replace TrainingArguments(...) with "
                 "SPConfig(...): it takes the same arguments plus regularizer, sp_alpha, sp_beta, ..."
             )
-        super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        check_supported(self.accelerator)  # refuse ZeRO-3 / FSDP1 before anything is built
-        self.regularizer_spec = parse_regularizer(args.regularizer)
-        self.regularizer = regularizer or build_weight_regularizer(self.regularizer_spec, args)
-        self.feature_regularizers = [FEATURE_REGULARIZERS[name].from_config(args)
-                                     for name in self.regularizer_spec.features]
-        self._given_reference = reference
+        # Everything the penalty needs is set before Trainer.__init__, which may call call_model_init (model_init).
+        self._sp_ready = False
+        self._given_regularizer, self._given_reference = regularizer, reference
+        self._build_regularizers(args)
         self._sp_params: SPParameters | None = None
-        self._sp_params_model_id: int | None = None
-        self._reset_sp_logs()
-        self._sp_bad_step: Tensor | None = None
-        self._sp_hook = None  # (optimizer, hook handle) for sp_mode 'grad' / 'decoupled'
+        self._sp_params_key: tuple[int, ...] | None = None
+        self._sp_side: tuple | None = None  # (torch optimizer, OptimizerSidePenalty, hook handle): 'grad'/'decoupled'
         self.sp_metrics: dict[str, float] = {}  # latest evaluation results, for model cards
         self.backbone_report = None  # set by hf-l2sp train (what was pretrained), used in model cards
         self.data_description = None  # set by hf-l2sp train (dataset, splits, sizes), used in model cards
-        if self.model is not None:  # with model_init the model (and its anchor) comes in call_model_init
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        check_supported(self.accelerator)  # refuse ZeRO-3 / FSDP1 before anything is built
+        # transformers CNN classifiers (ResNet, EfficientNet, RegNet, ...) take **kwargs in forward, so Trainer
+        # believes they normalise by num_items_in_batch, which they drop: it would then skip the 1/accumulation
+        # division and multiply by the number of processes. An image classifier's loss is a per-sample mean: say
+        # so, and Trainer divides by the accumulation steps and DDP/FSDP average over processes, for every class.
+        self.model_accepts_loss_kwargs = False
+        self._sp_ready = True
+        if self.model is not None:  # with model_init, Trainer.__init__ built the model through call_model_init
             self._anchor(self.model)
-            if hasattr(self.model, "add_model_tags"):
-                self.model.add_model_tags(self._tag_names + [f"regularizer:{self.regularizer_spec.label}"])
+
+    def _build_regularizers(self, args: SPConfig) -> None:
+        self.regularizer_spec = parse_regularizer(args.regularizer)
+        self.regularizer = self._given_regularizer or build_weight_regularizer(self.regularizer_spec, args)
+        self.feature_regularizers = [FEATURE_REGULARIZERS[name].from_config(args)
+                                     for name in self.regularizer_spec.features]
+        self.penalty_log = PenaltyLog([f.name for f in self.feature_regularizers])
 
     # ---- anchor -------------------------------------------------------------------------------------------------
 
     def _anchor(self, model: nn.Module) -> None:
+        """Anchor `model`: its w0 (snapshot, `sp_reference` or the given Reference), parameter sets, features."""
         head_modules = parse_head_option(self.args.sp_head)
         if head_modules is None:
             head_modules = find_head_modules(model)
@@ -104,27 +116,49 @@ class SPTrainer(Trainer):
                                                           self.args.device, self.args.sp_reference_revision)
         else:
             self.sp_reference = Reference.snapshot(model, head_modules, self.args.device)
-        self._sp_params = None
+        self.refresh_sp_parameters()
         sets = self.sp_parameters(model)
         for feature in self.feature_regularizers:  # frozen source copies, layers, channel attention
-            feature.setup(self)
+            feature.setup(self, model)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(self._tag_names + [f"regularizer:{self.regularizer_spec.label}"])
         logger.info("hf_l2sp: %s on %s; anchor: %s", self.regularizer, sets.summary(), self.sp_reference.source)
 
     def call_model_init(self, trial=None):
+        """Each model from `model_init` (every `hyperparameter_search` trial) is anchored to its own weights."""
         model = super().call_model_init(trial)
-        self._anchor(model)
+        if self._sp_ready:  # during Trainer.__init__ the model is anchored once __init__ has the rest
+            self._anchor(model)
         return model
 
-    def sp_parameters(self, model: nn.Module | None = None) -> SPParameters:
-        """The (anchored, head) parameter sets for `model` (any wrapper), resolved once per model object.
+    def _hp_search_setup(self, trial) -> None:
+        """A trial may set sp_* fields (sp_alpha, regularizer, ...): rebuild the penalty from the trial's args."""
+        super()._hp_search_setup(trial)
+        if trial is not None and self.hp_search_backend is not None:
+            self._build_regularizers(self.args)
+            self._detach_optimizer_side()
+            if self.model is not None:
+                self._anchor(self.model)
 
-        Call `refresh_sp_parameters()` after changing which parameters require grad.
+    def sp_parameters(self, model: nn.Module | None = None) -> SPParameters:
+        """The (anchored, head) parameter sets for `model` (any wrapper), resolved on its current parameters.
+
+        The sets are keyed on the parameter objects themselves, so they follow in-place changes of the model:
+        FSDP2's `fully_shard` (run by accelerate's `prepare`) swaps every parameter for a DTensor shard on the same
+        module object; the sets are then resolved on the shards and the anchor is cut to each process's shard,
+        freeing the full copy. Call `refresh_sp_parameters()` after changing which parameters require grad.
         """
         model = model if model is not None else self.model
-        if self._sp_params is None or self._sp_params_model_id != id(model):
+        key = tuple(id(p) for p in model.parameters())
+        if self._sp_params is not None and self._sp_params_key != key and self._sp_params.sharded \
+                and fsdp_unsharded_now(model):
+            return self._sp_params  # FSDP2 between a unit's forward and backward: the shards are still these
+        if self._sp_params is None or self._sp_params_key != key:
+            self.sp_reference.shard_like(model)  # FSDP2: keep only this process's shard of w0
             self._sp_params = resolve_parameters(model, self.sp_reference.tensors, self.args.sp_include)
-            self._sp_params_model_id = id(model)
+            self._sp_params_key = key
             self.regularizer.prepare(self._sp_params)
+            self._detach_optimizer_side()  # the optimizer-side hook must see the new parameters
         return self._sp_params
 
     def refresh_sp_parameters(self) -> None:
@@ -133,39 +167,92 @@ class SPTrainer(Trainer):
     # ---- loss ---------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        features = self.feature_regularizers if model.training else []
+        training = model.training
+        terms = None
+        if training and self.args.sp_mode == "loss":
+            # Before the forward: under FSDP2 every parameter is then its shard (the root unit stays unsharded
+            # from its forward until its backward), so Omega's gradient lands on the shards it belongs to.
+            with torch.autocast(device_type=self.args.device.type, enabled=False):
+                terms = self.regularizer(self.sp_parameters(model))
+        features = self.feature_regularizers if training else []
         with contextlib.ExitStack() as hooks:  # feature hooks live only around the training forward
             for feature in features:
                 hooks.enter_context(feature.capture(model))
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
-        if model.training:
-            if self.args.sp_mode == "loss":
-                with torch.autocast(device_type=self.args.device.type, enabled=False):
-                    terms = self.regularizer(self.sp_parameters(model))
-                    parts = {feature.name: feature.penalty(inputs) for feature in features}
-                penalty = terms.penalty.to(loss.device) + sum(p.to(loss.device) for p in parts.values())
-                loss = loss + penalty * self._penalty_scale(num_items_in_batch)
-                self._record(PenaltyTerms(penalty, terms.head_penalty, terms.distance), parts)
-            elif self._sp_hook is None or self._sp_hook[0] is not getattr(self.optimizer, "optimizer", self.optimizer):
-                # 'grad' / 'decoupled': the optimizer step applies Omega and records its value (optimizer_side.py)
+        if training:
+            step = self.state.global_step + 1
+            with torch.autocast(device_type=self.args.device.type, enabled=False):
+                parts = {f.name: f.penalty(inputs) * self._feature_scale(f) for f in features}
+            self.penalty_log.add_batch_terms(loss, parts, step)
+            penalty = sum((p.to(loss.device) for p in parts.values()), torch.zeros((), device=loss.device))
+            if terms is not None:
+                self.penalty_log.add_weight_terms(terms, step)
+                penalty = penalty + self._whole_value(terms.penalty).to(loss.device)
+            else:  # 'grad' / 'decoupled': the optimizer side applies the weight penalty (optimizer_side.py)
                 self._attach_optimizer_side(model)
+            loss = loss + penalty * self._penalty_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _whole_value(self, penalty: Tensor) -> Tensor:
+        """Under FSDP2 each process's Omega covers its shards only: give the returned loss the value of the whole
+        Omega (so Trainer's `loss` log counts it once) while the gradient stays that of the local part."""
+        if not self._sp_params.sharded:
+            return penalty
+        total = penalty.detach().clone()
+        torch.distributed.all_reduce(total)
+        return penalty + (total - penalty.detach())
+
+    def _feature_scale(self, feature) -> float:
+        """DELTA-like penalties sum over the step's global batch: scale the micro-batch's sum by accumulation
+        steps x processes, which Trainer's 1/accumulation division and the processes' gradient mean undo."""
+        if not feature.batch_sum:
+            return 1.0
+        processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return float(getattr(self, "current_gradient_accumulation_steps", 1) * processes)
 
     def _attach_optimizer_side(self, model) -> None:
         """sp_mode 'grad'/'decoupled': hook the torch optimizer (inside accelerate's wrapper) once."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer -> torch optimizer
-        penalty = OptimizerSidePenalty(self.args.sp_mode, self.regularizer.quadratic_form(), self.sp_parameters(model),
-                                       on_terms=self._record)
-        self._sp_hook = (optimizer, penalty.attach(optimizer))
+        sets = self.sp_parameters(model)  # may detach a stale hook (parameters swapped in place)
+        if self._sp_side is not None and self._sp_side[0] is optimizer:
+            return
+        self._detach_optimizer_side()
+        side = OptimizerSidePenalty(self.args.sp_mode, self.regularizer.quadratic_form(), sets,
+                                    on_terms=self._record_side_terms, step_key=lambda: self.state.global_step)
+        self._sp_side = (optimizer, side, side.attach(optimizer))
+
+    def _detach_optimizer_side(self) -> None:
+        if getattr(self, "_sp_side", None) is not None:
+            self._sp_side[2].remove()
+            self._sp_side = None
+
+    def _record_side_terms(self, terms: PenaltyTerms) -> None:
+        self.penalty_log.add_weight_terms(terms, self.state.global_step + 1)
+
+    def _add_penalty_gradient(self) -> None:
+        """sp_mode 'grad': add Omega's gradient before Trainer clips or measures the gradients, as 'loss' has it."""
+        if self._sp_side is None or self.args.sp_mode != "grad":
+            return
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16: the gradients still carry the loss scale here
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self._sp_side[1].add_gradient(self._sp_side[0], scale)
+
+    def _clip_grad_norm(self, model):
+        self._add_penalty_gradient()
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._add_penalty_gradient()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _penalty_scale(self, num_items_in_batch) -> float:
         """Factor that makes Omega enter each optimizer step exactly once.
 
-        `training_step` divides the returned loss by the number of accumulation steps only when it does not consider
-        it already scaled (models that normalise by `num_items_in_batch`, or a `compute_loss_func`). In that case
-        we divide Omega ourselves. Omega is never multiplied by the number of processes: every rank computes the
-        same Omega and DDP averages the identical gradients.
+        `training_step` divides the returned loss by the number of accumulation steps unless it considers it already
+        scaled (`loss_is_scaled_for_ga`, or a `compute_loss_func`); then we divide Omega ourselves. Omega is never
+        multiplied by the number of processes: every process adds the same Omega (or, under FSDP2, its shards'
+        part, whose gradient lands on those shards only) and DDP averages identical gradients.
         """
         if self.loss_is_scaled_for_ga is not None:
             scaled = self.loss_is_scaled_for_ga
@@ -177,27 +264,8 @@ class SPTrainer(Trainer):
 
     # ---- logging and safety -------------------------------------------------------------------------------------
 
-    def _reset_sp_logs(self) -> None:
-        self._sp_sums: Tensor | None = None
-        self._sp_count = 0
-
-    def _record(self, terms: PenaltyTerms, parts: dict[str, Tensor] | None = None) -> None:
-        """Accumulate on device (no host sync); remember the first optimizer step whose Omega is not finite."""
-        penalty = terms.penalty.detach()
-        values = torch.stack([penalty, terms.head_penalty.to(penalty.device),
-                              terms.distance.to(penalty.device).square(),
-                              *(p.detach().float().to(penalty.device) for p in (parts or {}).values())])
-        if self._sp_sums is None:
-            self._sp_sums = torch.zeros_like(values)
-        self._sp_sums += values
-        self._sp_count += 1
-        if self._sp_bad_step is None:
-            self._sp_bad_step = torch.full((), -1, dtype=torch.long, device=penalty.device)
-        newly_bad = ~torch.isfinite(penalty) & (self._sp_bad_step < 0)
-        self._sp_bad_step = torch.where(newly_bad, self.state.global_step + 1, self._sp_bad_step)
-
     def _check_penalty_finite(self) -> None:
-        if self._sp_bad_step is not None and (step := int(self._sp_bad_step)) >= 0:
+        if (step := self.penalty_log.first_bad_step()) is not None:
             raise FloatingPointError(
                 f"The {self.regularizer_spec.label} penalty became NaN/inf at optimizer step {step} "
                 f"({self.regularizer}). Training stopped before anything else was saved; lower the learning rate or "
@@ -205,26 +273,19 @@ class SPTrainer(Trainer):
             )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._sp_count and "loss" in logs:  # a training log: flush the window's averages
+        if not self.penalty_log.empty and "loss" in logs:  # a training log: flush the window's averages
             self._check_penalty_finite()
-            sums = self._sp_sums
-            if self._sp_params is not None and self._sp_params.sharded:  # FSDP2: each rank holds partial sums
-                sums = sums.clone()
-                torch.distributed.all_reduce(sums)
-            penalty, head, sq_distance, *parts = (sums / self._sp_count).tolist()
-            logs.update({"sp/penalty": round(penalty, 8), "sp/head_penalty": round(head, 8),
-                         "sp/distance": round(sq_distance ** 0.5, 8)})  # root of the window's mean squared distance
-            if len(parts) == len(self.feature_regularizers):  # 'sp/delta', 'sp/bss': each feature penalty's part
-                logs.update({f"sp/{f.name}": round(v, 8) for f, v in zip(self.feature_regularizers, parts)})
-            self._reset_sp_logs()
+            sharded = self._sp_params is not None and self._sp_params.sharded
+            logs.update(self.penalty_log.flush(weights_sharded=sharded))
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
         self._check_penalty_finite()
         result = super()._save_checkpoint(model, trial)
+        anchors = self.sp_reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
         if self.args.should_save:  # after weights, optimizer, scheduler, RNG and state: the anchor, then the marker
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            save_anchor(self.sp_reference, folder)
+            save_anchor(self.sp_reference, folder, anchors)
             mark_complete(folder, self.state.global_step)
         return result
 
@@ -260,7 +321,7 @@ class SPTrainer(Trainer):
                            "stored anchor (resuming never re-anchors).", checkpoint)
         stored.head_names = self.sp_reference.head_names
         self.sp_reference = stored
-        self._sp_params = None
+        self.refresh_sp_parameters()
         self._check_fisher_unchanged(checkpoint)
         for feature in self.feature_regularizers:  # e.g. DELTA's channel attention: the run's, not a recomputed one
             feature.load_state(checkpoint)
@@ -291,12 +352,14 @@ class SPTrainer(Trainer):
         model = unwrap_model(self.model)
         prepare_config_for_save(model)
         super()._save(output_dir, state_dict)
+        anchors = self.sp_reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
         if not self.args.should_save:
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         if is_timm_wrapper(model):
             finalize_timm_folder(folder)
-        drift = compute_drift(model, self.sp_reference.tensors, set(self.sp_parameters().anchored_names))
+        values = {canonical_name(k): v for k, v in state_dict.items()} if state_dict is not None else None
+        drift = compute_drift(model, anchors, set(self.sp_parameters().anchored_names), values=values)
         save_drift(drift, folder, title=f"{folder.name}: {self.regularizer.name}")
         if getattr(self.regularizer, "fisher", None) is not None:
             save_fisher(self.regularizer.fisher, folder / "fisher.safetensors")

@@ -26,9 +26,14 @@ class FeatureRegularizer:
     citation: ClassVar[str] = ""
     #: True when used alone it brings the paper's beta/2 ||w_new||^2 on the new head (DELTA does, BSS does not).
     adds_head_l2: ClassVar[bool] = False
+    #: True when the penalty is a sum over the samples of the optimizer step's global batch (DELTA): the trainer then
+    #: scales each micro-batch's sum by accumulation steps x processes, so that splitting the batch changes nothing.
+    #: False: a per-batch statistic (BSS), averaged over the step's micro-batches like the task loss's means.
+    batch_sum: ClassVar[bool] = False
 
-    def setup(self, trainer) -> None:
-        """Called once the trainer and its model exist (build frozen copies, find layers, ...)."""
+    def setup(self, trainer, model: nn.Module) -> None:
+        """Called for each model the trainer anchors (at construction, and per `model_init` call): build frozen
+        copies, find layers, ... `model` is the new model; `trainer.sp_reference` already holds its anchor."""
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module):

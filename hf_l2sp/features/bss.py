@@ -24,6 +24,11 @@ class BatchSpectralShrinkage(FeatureRegularizer):
 
     sigma_{-1} <= sigma_{-2} <= ... are the k smallest singular values of F (batch x d), the pooled pre-logits
     features, i.e. the input of the classification head, computed in float64 from the Gram matrix.
+
+    The spectrum is a property of one batch, so it is computed per micro-batch on each process, as the official code
+    computes it per batch; with gradient accumulation or several processes the step's penalty is the mean over its
+    micro-batches (it enters each optimizer step once). Unlike the sums (task loss, DELTA), it therefore depends on
+    how the global batch is split: k smallest singular values of 2 halves are not those of the whole.
     """
 
     formula = "Omega_bss(w) = eta * sum_{i=1..k} sigma_{-i}(F)^2, F = batch x pre-logits features"
@@ -40,9 +45,9 @@ class BatchSpectralShrinkage(FeatureRegularizer):
     def from_config(cls, args) -> BatchSpectralShrinkage:
         return cls(eta=args.sp_bss_eta, k=args.sp_bss_k)
 
-    def setup(self, trainer) -> None:
+    def setup(self, trainer, model: nn.Module) -> None:
         head = parse_head_option(trainer.args.sp_head)
-        self.head_modules = head if head else find_head_modules(trainer.model)
+        self.head_modules = head if head else find_head_modules(model)
 
     def _hooks(self, model: nn.Module) -> list:
         inner = unwrap_model(model)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..forward import call_image_model, logits_of
 from ..parameters import canonical_name, unwrap_model
+from ..stages import stage_modules
 from .base import FeatureRegularizer, register_feature_regularizer
 
 logger = logging.getLogger(__name__)
@@ -26,16 +27,6 @@ DELTA_CITATION = """@inproceedings{li2019delta,
 }"""
 
 
-def stage_layers(model: nn.Module) -> list[str]:
-    """Module names (canonical) whose outputs are the backbone's stages, from timm's feature_info."""
-    inner = unwrap_model(model)
-    timm_model = getattr(inner, "timm_model", None)
-    info = getattr(timm_model if timm_model is not None else inner, "feature_info", None)
-    modules = [f.get("module") for f in info] if isinstance(info, list) else []
-    prefix = "timm_model." if timm_model is not None else ""
-    return [prefix + m for m in modules if m]
-
-
 @register_feature_regularizer("delta")
 class DELTA(FeatureRegularizer):
     """DELTA (Li et al., ICLR 2019): keep the fine-tuned network's feature maps close to the source network's on
@@ -43,8 +34,12 @@ class DELTA(FeatureRegularizer):
 
     Omega_delta(w) = alpha_delta * 1/2 sum_l sum_b sum_c C_l W_lc ||FM_lc(w, x_b) - FM_lc(w0, x_b)||^2 / (H_l W_l)
 
-    summed over the batch (as the official code does, so it grows with the batch size), C_l the channel count of
-    layer l and W_l a distribution over its channels (C_l W_lc averages 1; uniform W gives 1/2 sum ||.||^2/(HW)).
+    with C_l the channel count of layer l and W_l a distribution over its channels (C_l W_lc averages 1; uniform W
+    gives 1/2 sum ||.||^2/(HW)). The sum over b runs over the optimizer step's global batch (per-device batch x
+    accumulation steps x processes), as the official code sums over its batch: on one device without accumulation
+    the two are the same number, and alpha_delta keeps the official meaning (it grows with the batch size). Because
+    the sum is over the global batch, splitting that batch into micro-batches or processes never changes the update
+    (`batch_sum = True`: the trainer scales each micro-batch's sum by accumulation steps x processes).
     FM(w0) comes from a frozen copy of the source network in eval mode, run under no_grad on the same batch; it is
     never in the optimizer nor in checkpoints. Attention (the default): after a head-only warm-up on target data,
     zero one channel at a time and measure the rise in cross-entropy on a few target batches;
@@ -55,6 +50,7 @@ class DELTA(FeatureRegularizer):
                "/ (H_l W_l)")
     citation = DELTA_CITATION
     adds_head_l2 = True
+    batch_sum = True
 
     def __init__(self, alpha: float = 0.01, layers: list[str] | None = None, attention: str = "computed",
                  attention_batches: int = 4, warmup_steps: int = 50):
@@ -74,12 +70,12 @@ class DELTA(FeatureRegularizer):
 
     # ---- set-up: layers, frozen source copy, channel weights --------------------------------------------------------
 
-    def setup(self, trainer) -> None:
-        model = unwrap_model(trainer.model)
-        self.layers = [canonical_name(name) for name in (self.layers or stage_layers(model))]
+    def setup(self, trainer, model: nn.Module) -> None:
+        model = unwrap_model(model)
+        self.layers = [canonical_name(name) for name in (self.layers or stage_modules(model))]
         if not self.layers:
-            raise ValueError(f"DELTA needs layers to compare; {type(model).__name__} has no timm feature_info. "
-                             "Set sp_delta_layers to module names, comma separated.")
+            raise ValueError(f"DELTA needs layers to compare; {type(model).__name__} has neither timm feature_info "
+                             "nor transformers encoder.stages. Set sp_delta_layers to module names, comma separated.")
         known = {canonical_name(n) for n, _ in model.named_modules()}
         unknown = [name for name in self.layers if name not in known]
         if unknown:
