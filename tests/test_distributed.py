@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,11 +66,41 @@ def single(assets):
     return result(out)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(commands: list[list[str]], logs: Path, timeout: float = 300) -> None:
+    """Start every rank, wait for all of them (stopping the rest when one fails) and show every rank's output."""
+    logs.mkdir(parents=True, exist_ok=True)
+    files = [open(logs / f"rank{i}.log", "w") for i in range(len(commands))]
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT, text=True)
+             for cmd, f in zip(commands, files)]
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):  # one rank died: the others would wait for it
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    for f in files:
+        f.close()
+    if any(p.returncode != 0 for p in procs):
+        report = "\n".join(f"--- rank {i} (exit {p.returncode}) ---\n" + (logs / f"rank{i}.log").read_text()[-3000:]
+                           for i, p in enumerate(procs))
+        pytest.fail(f"a rank failed or timed out:\n{report}")
+
+
 def test_ddp_two_processes_equal_one(assets, single, tmp_path):
     """accelerate, 2 ranks x 2 images == 1 process x 4 images: same penalty logged, same weights."""
     config = tmp_path / "ddp.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
-                      "num_processes: 2\nmixed_precision: 'no'\nmain_process_port: 29541\nuse_cpu: false\n")
+                      f"num_processes: 2\nmixed_precision: 'no'\nmain_process_port: {free_port()}\n"
+                      "use_cpu: false\n")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "hf_l2sp.cli", "train", "--accelerate_config", str(config),
            *flags(assets, out, per_device_train_batch_size=2)]
@@ -82,13 +113,10 @@ def test_ddp_two_processes_equal_one(assets, single, tmp_path):
 def test_two_nodes_on_loopback_equal_one(assets, single, tmp_path):
     """torchrun --nnodes 2 (one process per "node", static rendezvous on 127.0.0.1) == 1 process."""
     out = tmp_path / "nodes"
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
-         str(rank), "--master_addr", "127.0.0.1", "--master_port", "29543", "-m", "hf_l2sp.cli", "train",
-         *flags(assets, out, per_device_train_batch_size=2)],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:]
+    port = str(free_port())
+    run_ranks([[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "-m", "hf_l2sp.cli",
+                "train", *flags(assets, out, per_device_train_batch_size=2)] for rank in (0, 1)], tmp_path / "logs")
     assert_same_run(single, result(out))
 
 

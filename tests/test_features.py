@@ -205,3 +205,34 @@ def test_resume_restores_the_runs_channel_attention(tmp_path):
     assert not torch.allclose(later.feature_regularizers[0].weights["stage"], saved)  # another warm-up, other W
     later.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     torch.testing.assert_close(later.feature_regularizers[0].weights["stage"], saved)
+
+
+@pytest.mark.parametrize("kind, stages", [
+    ("native_resnet", ["resnet.encoder.stages.0", "resnet.encoder.stages.1"]),
+    ("native_convnext", ["convnext.encoder.stages.0", "convnext.encoder.stages.1"]),
+])
+def test_delta_finds_the_stages_of_native_transformers_models(tmp_path, kind, stages):
+    """No sp_delta_layers needed: transformers CNNs keep their stages in encoder.stages; the drift report uses the
+    same stages."""
+    from hf_l2sp.drift import compute_drift
+
+    from .invariance_runs import build_model
+
+    model = build_model(kind)
+    trainer = delta_trainer(tmp_path, model)
+    (feature,) = trainer.feature_regularizers
+    assert feature.layers == stages
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert run_delta(trainer, model, torch.randn(2, 3, 32, 32)).item() > 0
+    drift = compute_drift(model, trainer.sp_reference.tensors)
+    assert [row["stage"] for row in drift["stages"]][:3] == ["stem", stages[0], stages[1]]
+
+
+def test_delta_without_stages_asks_for_layers(tmp_path):
+    from .helpers import vit_classifier
+
+    with pytest.raises(ValueError, match="neither timm feature_info nor transformers encoder.stages. Set "
+                                         "sp_delta_layers"):
+        delta_trainer(tmp_path, vit_classifier())
