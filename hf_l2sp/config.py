@@ -40,9 +40,11 @@ class SPConfig(TrainingArguments):
         sp_head (`str`, *optional*):
             Comma-separated module names of the new head; `none` for no head. Default: detected from the model.
         sp_delta_alpha (`float`, defaults to `0.01`):
-            DELTA's coefficient on the feature-map distance (official default).
+            DELTA's coefficient on the feature-map distance, summed over the optimizer step's global batch (official
+            default, for the official code's batch sum on one device).
         sp_delta_layers (`str`, *optional*):
-            Comma-separated modules whose outputs DELTA compares. Default: each backbone stage (timm feature_info).
+            Comma-separated modules whose outputs DELTA compares. Default: each backbone stage (timm feature_info,
+            or a transformers CNN's encoder.stages).
         sp_delta_attention (`str`, defaults to `"computed"`):
             `computed` (channel attention by ablation after a head-only warm-up), `uniform`, or a saved
             `delta_attention.safetensors` (file or folder) to reuse.
@@ -56,9 +58,10 @@ class SPConfig(TrainingArguments):
             Number of smallest singular values BSS shrinks.
         sp_mode (`str`, defaults to `"loss"`):
             `loss`: Omega is added to the training loss (the paper). `grad`: its closed-form gradient is added to
-            `.grad` once per optimizer step (same result, no graph). `decoupled`: w <- w - lr*alpha*(w - w0) in the
-            optimizer step, like AdamW's decoupled decay (a different method with Adam; equal to `loss` for plain
-            SGD). `grad` and `decoupled` need a quadratic regularizer: l2, l2_sp or l2_sp_fisher.
+            `.grad` once per optimizer step, before gradient clipping (same result as `loss`, no graph).
+            `decoupled`: w <- w - lr*alpha*(w - w0) in the optimizer step, like AdamW's decoupled decay: it acts
+            outside gradient clipping (a different method with Adam; equal to `loss` only for plain SGD without
+            momentum or clipping). `grad` and `decoupled` need a quadratic regularizer: l2, l2_sp or l2_sp_fisher.
 
     NOTE: defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (image datasets keep their
     raw columns for the lazy transform).
@@ -101,7 +104,8 @@ class SPConfig(TrainingArguments):
     sp_mode: str = field(
         default="loss",
         metadata={"help": "'loss' (penalty in the loss, the paper), 'grad' (closed-form gradient added once per "
-                          "step) or 'decoupled' (w <- w - lr*alpha*(w - w0) in the optimizer step)."},
+                          "step, before clipping) or 'decoupled' (w <- w - lr*alpha*(w - w0) in the optimizer step, "
+                          "outside clipping)."},
     )
     remove_unused_columns: bool = field(
         default=False,
