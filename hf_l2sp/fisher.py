@@ -13,6 +13,7 @@ shard of samples and one all-reduce combines the sums.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,8 +64,10 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
     chunk_size: samples per vmap call; class_chunk: classes per Jacobian (exact); normalize: 'none' (raw, as in
     the paper), 'mean' (divide by the mean entry, so alpha keeps the scale it has with plain L2-SP) or 'max'.
     method: 'hooks' (per-layer per-sample rules on one batched forward and batched backward passes, see
-    per_sample.py; Conv2d, Linear and BatchNorm2d layers), 'vmap' (torch.func, any layer), or 'auto' (hooks when
-    every trainable parameter's layer has a rule).
+    per_sample.py; exact classes only: nn.Conv2d, timm's Conv2dSame, nn.Linear, nn.BatchNorm2d, timm's
+    BatchNormAct2d; an error if a layer has no rule), 'vmap' (torch.func, any layer), or 'auto' (per layer: hooks
+    where a rule models the layer exactly, vmap for the others, in the same pass over the data). The metadata says
+    which: `method` ('hooks', 'vmap' or 'hooks+vmap') and `method_per_layer` (JSON, module name -> path).
     Keys are checkpoint names (no wrapper or base-model prefix). Only trainable parameters are estimated; the
     names of frozen ones are listed in the metadata.
     """
@@ -78,16 +81,16 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     model = unwrap_model(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if method == "auto":
-        method = "hooks" if per_sample.supports(model, trainable) else "vmap"
-    elif method == "hooks" and not per_sample.supports(model, trainable):
-        raise ValueError(f"method='hooks' has no per-sample rule for some layers of {type(model).__name__}; "
-                         "use method='vmap' or 'auto'.")
+    routes = _routes(model, trainable, method)
+    if method == "hooks" and "vmap" in routes.values():
+        unruled = sorted(m for m, r in routes.items() if r == "vmap")
+        raise ValueError(f"method='hooks' has no per-sample rule for layers {unruled[:5]} of "
+                         f"{type(model).__name__}; use method='auto' (hooks where exact, vmap for those) or 'vmap'.")
     was_training = model.training
     model.eval()
     try:
         sums, count, frozen = _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chunk,
-                                          generator, progress, method)
+                                          generator, progress, routes)
     finally:
         model.train(was_training)
     if count == 0:
@@ -102,16 +105,52 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
         tensors = {k: t / scale for k, t in tensors.items()}
     from . import __version__
 
-    meta = {"mode": mode, "method": method, "num_samples": count, "draws": draws if mode == "sampled" else 1, "normalize": normalize,
+    used = sorted(set(routes.values()))
+    meta = {"mode": mode, "method": "+".join(used) if used else method, "method_per_layer": json.dumps(routes),
+            "num_samples": count, "draws": draws if mode == "sampled" else 1, "normalize": normalize,
             "frozen_parameters_skipped": ",".join(frozen), "hf_l2sp_version": __version__, **(metadata or {})}
     return FisherDiagonal(tensors, {k: str(v) for k, v in meta.items()}, source="estimate_fisher")
 
 
-def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chunk, generator, progress, method):
+def _routes(model: nn.Module, trainable: set[str], method: str) -> dict[str, str]:
+    """Module name -> 'hooks' or 'vmap' for every module owning a trainable parameter.
+
+    'auto' and 'hooks' give the hooks path to the layers with an exact per-sample rule (per_sample.rule_of) and vmap
+    to the rest; 'vmap' gives vmap to all.
+    """
+    ruled, other = per_sample.split_layers(model, trainable)
+    if method == "vmap":
+        return {name: "vmap" for name in {**ruled, **other}}
+    return {**{name: "hooks" for name in ruled}, **{name: "vmap" for name in other}}
+
+
+def _owned(model: nn.Module, modules: set[str], names: set[str]) -> set[str]:
+    """The parameter names in `names` that the modules `modules` own directly."""
+    out = set()
+    for module_name in modules:
+        for n, _ in model.get_submodule(module_name).named_parameters(recurse=False):
+            full = f"{module_name}.{n}" if module_name else n
+            if full in names:
+                out.add(full)
+    return out
+
+
+def _draw(model: nn.Module, x: Tensor, draws: int, generator) -> Tensor:
+    """(batch, draws) labels drawn from the model's own predictive distribution, once per batch for every path."""
+    with torch.no_grad():
+        probs = logits_of(call_image_model(model, x)).float().softmax(-1)
+    return torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator).to(x.device)
+
+
+def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chunk, generator, progress, routes):
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    hook_names = _owned(model, {m for m, r in routes.items() if r == "hooks"}, set(params))
+    hook_sums = {n: sums[n] for n in hook_names}  # the same tensors: both paths add into `sums`
+    vmap_params = {n: p for n, p in params.items() if n not in hook_names}
+    fixed = {n: p for n, p in params.items() if n in hook_names}  # held constant in the vmap path's calls
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     local_cap = None if num_samples is None else num_samples // world + (1 if rank < num_samples % world else 0)
     count, checked = 0, False
@@ -133,23 +172,27 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
             checked = True
         if mode == "empirical" and labels is None:
             raise ValueError("mode='empirical' needs labels in the batches ('labels').")
-        step = len(x) if method == "hooks" else chunk_size  # the hooks path handles a whole batch at once
-        for start in range(0, len(x), step):
-            xc = x[start:start + step]
-            if method == "hooks":
-                y = labels[start:start + step].to(device) if mode == "empirical" else None
-                _add_with_hooks(model, xc, y, sums, mode, draws, generator)
-            elif mode == "exact":
-                _add_exact(model, params, buffers, xc, sums, class_chunk)
-            else:
-                y = labels[start:start + chunk_size].to(device) if mode == "empirical" else None
-                _add_sampled(model, params, buffers, xc, y, sums, draws if mode == "sampled" else 1, generator)
+        y = None
+        if mode == "empirical":
+            y = labels.to(device)[:, None]
+        elif mode == "sampled":
+            y = _draw(model, x, draws, generator)
+        if hook_sums:  # the hooks path handles the whole batch at once
+            _add_with_hooks(model, x, y, hook_sums, mode)
+        if vmap_params:
+            for start in range(0, len(x), chunk_size):
+                xc = x[start:start + chunk_size]
+                if mode == "exact":
+                    _add_exact(model, vmap_params, fixed, buffers, xc, sums, class_chunk)
+                else:
+                    _add_sampled(model, vmap_params, fixed, buffers, xc, y[start:start + chunk_size], sums)
         count += len(x)
         bar.update(len(x))
     bar.close()
     if world > 1:
         names = sorted(sums)
-        flat = torch.cat([sums[n].flatten() for n in names] + [torch.tensor([float(count)], device=sums[names[0]].device)])
+        device = sums[names[0]].device
+        flat = torch.cat([sums[n].flatten() for n in names] + [torch.tensor([float(count)], device=device)])
         dist.all_reduce(flat)
         count = int(flat[-1].item())
         offset = 0
@@ -159,18 +202,16 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
     return sums, count, frozen
 
 
-def _add_with_hooks(model, x, labels, sums, mode, draws, generator):
-    """One forward, then one batched backward per class (exact) or per draw (sampled/empirical)."""
+def _add_with_hooks(model, x, labels, sums, mode):
+    """One forward, then one batched backward per class (exact) or per label column (sampled draws, empirical)."""
     with per_sample.SquaredGradAccumulator(model, sums) as acc:
         logp = logits_of(call_image_model(model, x)).float().log_softmax(-1)
-        probs = logp.detach().exp()
         if mode == "exact":
+            probs = logp.detach().exp()
             targets = [(torch.full((len(x),), k, device=x.device), probs[:, k]) for k in range(logp.shape[1])]
-        elif mode == "empirical":
-            targets = [(labels, torch.ones(len(x), device=x.device))]
-        else:
-            drawn = torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator).to(x.device)
-            targets = [(drawn[:, d], torch.full((len(x),), 1.0 / draws, device=x.device)) for d in range(draws)]
+        else:  # labels: (batch, draws); each draw weighs 1/draws
+            share = torch.full((len(x),), 1.0 / labels.shape[1], device=x.device)
+            targets = [(labels[:, d], share) for d in range(labels.shape[1])]
         if not acc.targets:
             raise ValueError("estimate_fisher: no layer output requires grad; the model has no trainable parameters.")
         acc.passes = len(targets)  # picks each layer's route (see per_sample.py)
@@ -181,14 +222,17 @@ def _add_with_hooks(model, x, labels, sums, mode, draws, generator):
                                 allow_unused=True)
 
 
-def _add_exact(model, params, buffers, x, sums, class_chunk):
-    """sum_i sum_k p_k (grad log p_k)^2 for the chunk, classes in blocks of `class_chunk`."""
+def _add_exact(model, params, fixed, buffers, x, sums, class_chunk):
+    """sum_i sum_k p_k (grad log p_k)^2 over `params` for the chunk, classes in blocks of `class_chunk`.
+
+    `fixed` are the other trainable parameters (those the hooks path handles), passed as constants.
+    """
     with torch.no_grad():
-        probs = _logits(model, {**params, **buffers}, x).float().softmax(-1)
+        probs = _logits(model, {**fixed, **params, **buffers}, x).float().softmax(-1)
     num_classes = probs.shape[1]
 
     def log_prob(p, xi, classes):
-        return _logits(model, {**p, **buffers}, xi.unsqueeze(0)).float().log_softmax(-1)[0, classes]
+        return _logits(model, {**fixed, **p, **buffers}, xi.unsqueeze(0)).float().log_softmax(-1)[0, classes]
 
     for k0 in range(0, num_classes, class_chunk):
         classes = torch.arange(k0, min(k0 + class_chunk, num_classes), device=x.device)
@@ -198,17 +242,14 @@ def _add_exact(model, params, buffers, x, sums, class_chunk):
             sums[name] += torch.einsum("bk,bk...->...", weights, j.float().square())
 
 
-def _add_sampled(model, params, buffers, x, labels, sums, draws, generator):
-    """sum over samples (and draws) of (grad log p_y)^2, y given (empirical) or drawn from the model (sampled)."""
-    if labels is None:
-        with torch.no_grad():
-            probs = _logits(model, {**params, **buffers}, x).float().softmax(-1)
-        labels = torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator).to(x.device)
-        x = x.repeat_interleave(draws, dim=0)
-        labels = labels.flatten()
+def _add_sampled(model, params, fixed, buffers, x, labels, sums):
+    """sum over samples and label columns of (grad log p_y)^2 / columns; labels (batch, draws), given or drawn."""
+    draws = labels.shape[1]
+    x = x.repeat_interleave(draws, dim=0)
+    labels = labels.flatten()
 
     def log_prob(p, xi, yi):
-        logp = _logits(model, {**p, **buffers}, xi.unsqueeze(0)).float().log_softmax(-1)[0]
+        logp = _logits(model, {**fixed, **p, **buffers}, xi.unsqueeze(0)).float().log_softmax(-1)[0]
         return logp.gather(0, yi.unsqueeze(0)).squeeze(0)  # logp[yi], in a form vmap accepts
 
     grads = vmap(grad(log_prob), in_dims=(None, 0, 0))(params, x, labels)

@@ -9,8 +9,10 @@ activation that follows):
     BatchNorm2d  dgamma_b = sum_hw g_b * xhat_b        dbeta_b = sum_hw g_b  (eval mode: running statistics)
 
 so sum_b w_b (dtheta_b)^2 costs one einsum per layer instead of one backward pass per sample. Samples must not
-interact (eval mode), which the Fisher requires anyway. Models with other parameter-holding layers are not
-supported here (`supports` says so) and use the vmap path.
+interact (eval mode), which the Fisher requires anyway. The rules apply to exact classes only (`rule_of`):
+nn.Linear and timm's Linear, nn.Conv2d and timm's Conv2dSame (zero padding), nn.BatchNorm2d and timm's
+BatchNormAct2d (affine, running statistics). Every other parameter-holding layer, subclasses included (timm's
+StdConv2d / ScaledStdConv2d standardise their weight in forward), is left to the vmap path (`split_layers`).
 
 Weights of convolutions with few output positions L (late stages) and of Linear layers take a second route. With
 K backward passes (classes or draws) per batch, forming every dW_bk costs K*B*|W|*L and squaring it streams
@@ -32,35 +34,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _is_conv_same(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv2dSame"
+def _rule_classes() -> dict[type, str]:
+    """The exact classes whose forward the rules below model, and the rule each gets.
+
+    Exact types, not isinstance: a subclass may change the forward (timm's StdConv2d and ScaledStdConv2d
+    standardise the weight inside it; ScaledStdConv2d adds a gain), and a rule written for the parent would then be
+    silently wrong. Layers of any other class go to the vmap path.
+    """
+    from timm.layers import BatchNormAct2d, Conv2dSame
+    from timm.layers import Linear as TimmLinear  # F.linear outside torchscript, exactly nn.Linear
+
+    return {nn.Linear: "linear", TimmLinear: "linear", nn.Conv2d: "conv", Conv2dSame: "conv_same",
+            nn.BatchNorm2d: "batchnorm", BatchNormAct2d: "batchnorm_act"}
 
 
-def _is_bn_act(module: nn.Module) -> bool:
-    return isinstance(module, nn.BatchNorm2d) and hasattr(module, "act")
+_RULES: dict[type, str] | None = None
 
 
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv2d):
-        return module.padding_mode == "zeros" and isinstance(module.padding, tuple)
-    if isinstance(module, nn.BatchNorm2d):
-        return module.affine and module.track_running_stats and (
-            not _is_bn_act(module) or isinstance(getattr(module, "drop", nn.Identity()), nn.Identity))
-    return False
+def rule_of(module: nn.Module) -> str | None:
+    """The per-sample rule that models `module`'s forward exactly, or None (the layer then goes to vmap)."""
+    global _RULES
+    if _RULES is None:
+        _RULES = _rule_classes()
+    kind = _RULES.get(type(module))
+    if kind in ("conv", "conv_same"):
+        ok = module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    elif kind in ("batchnorm", "batchnorm_act"):  # eval mode normalises with the running statistics
+        ok = module.affine and module.track_running_stats and module.running_var is not None
+        if kind == "batchnorm_act":  # the rule reads the gradient between the normalisation and the activation
+            ok = ok and type(module.drop) is nn.Identity and isinstance(module.act, nn.Module)
+    else:
+        ok = kind is not None
+    return kind if ok else None
 
 
-def owners(model: nn.Module, names: set[str]) -> dict[str, nn.Module] | None:
-    """Module name -> module for every module that directly owns one of `names`; None if any is unsupported."""
-    found = {}
+def split_layers(model: nn.Module, names: set[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """The modules that directly own one of `names`, split into (with an exact rule, without one)."""
+    ruled, other = {}, {}
     for module_name, module in model.named_modules():
         own = [f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False)]
         if any(n in names for n in own):
-            if not _supported(module):
-                return None
-            found[module_name] = module
-    return found
+            (ruled if rule_of(module) is not None else other)[module_name] = module
+    return ruled, other
+
+
+def owners(model: nn.Module, names: set[str]) -> dict[str, nn.Module] | None:
+    """Module name -> module for every module that directly owns one of `names`; None if any has no rule."""
+    ruled, other = split_layers(model, names)
+    return None if other else ruled
 
 
 def supports(model: nn.Module, names: set[str]) -> bool:
@@ -182,10 +203,14 @@ class SquaredGradAccumulator:
                 self.sums[key] += per_sample.square_().sum(0)
 
 
+def _is_bn_act(module: nn.Module) -> bool:
+    return rule_of(module) == "batchnorm_act"
+
+
 def _unfold(module: nn.Conv2d, a: Tensor) -> Tensor:
     """(batch, Cin*kh*kw, L) patches of the conv input, padded as the layer pads (timm's Conv2dSame included)."""
     padding = module.padding
-    if _is_conv_same(module):
+    if rule_of(module) == "conv_same":
         from timm.layers.padding import pad_same
 
         a = pad_same(a, module.kernel_size, module.stride, module.dilation)
