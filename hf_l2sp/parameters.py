@@ -11,7 +11,8 @@ WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoin
 
 INCLUDE_CHOICES = ("weights", "all")
 
-_CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+_CONV_OR_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                   nn.Linear)
 
 
 def canonical_name(name: str) -> str:

@@ -32,7 +32,7 @@ def source_model(architecture: str) -> nn.Module:
         model = timm.create_model(architecture, num_classes=3)
     with torch.no_grad():  # trained-looking BatchNorm statistics, so eval mode really uses them
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
                 module.running_mean.uniform_(-0.3, 0.3)
                 module.running_var.uniform_(0.5, 2.0)
     return model.eval()
