@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from importlib import resources
+
 import yaml
 from transformers import HfArgumentParser
 
@@ -16,17 +18,35 @@ class RecipeError(ValueError):
 
 def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) -> HfArgumentParser:
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
-    parser.add_argument("--config", default=None, help="YAML recipe: keys are the options below; flags override it.")
+    parser.add_argument("--config", default=None, help="YAML recipe (a path, or a packaged recipe's name such as "
+                        "offline_lite0_digits_l2sp): keys are the options below; flags override it.")
     parser.add_argument("--accelerate_config", default=None,
                         help="Relaunch under `accelerate launch` with this config: a YAML path or a shipped name "
                              "(single_gpu, multi_gpu, multi_node, fsdp2, zero1, zero2).")
     return parser
 
 
-def read_recipe(path: str, dataclass_types: tuple[type, ...]) -> dict:
+def packaged_recipes() -> dict[str, Path]:
+    """Recipes that ship inside the package (hf_l2sp/recipes), by name without `.yaml`."""
+    folder = Path(str(resources.files("hf_l2sp") / "recipes"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_recipe(path: str) -> Path:
+    """A recipe file: a path, or the name of a packaged recipe (`offline_lite0_digits_l2sp`, `.yaml` optional)."""
     file = Path(path)
-    if not file.is_file():
-        raise RecipeError(f"Recipe {path!r} does not exist.")
+    if file.is_file():
+        return file
+    packaged = packaged_recipes()
+    name = file.name.removesuffix(".yaml") if file.parent == Path(".") else None
+    if name in packaged:
+        return packaged[name]
+    raise RecipeError(f"Recipe {path!r} does not exist: neither a file nor a packaged recipe "
+                      f"({', '.join(packaged)}).")
+
+
+def read_recipe(path: str, dataclass_types: tuple[type, ...]) -> dict:
+    file = resolve_recipe(path)
     recipe = yaml.safe_load(file.read_text()) or {}
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe {path!r} must be a mapping of option: value, not {type(recipe).__name__}.")

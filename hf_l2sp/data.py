@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 
 from . import assets
 
+logger = logging.getLogger(__name__)
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 AUGMENTATIONS = ("timm", "paper", "none")
 ROW = "__row__"
@@ -51,7 +53,11 @@ class DataArguments:
                           "colour jitter) or 'none'."},
     )
     skip_bad_images: bool = field(
-        default=False, metadata={"help": "Drop rows whose image cannot be decoded (scans every image once)."}
+        default=False, metadata={"help": "Drop rows whose image cannot be decoded instead of stopping (every image "
+                                         "the run reads is checked before training)."}
+    )
+    image_check_workers: int | None = field(
+        default=None, metadata={"help": "Processes for the image check; default: up to 4 for splits of 2,000+."}
     )
 
     def __post_init__(self):
@@ -89,7 +95,7 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
     if train_name not in raw:
         raise ValueError(f"Split {train_name!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
     image_col = _image_column(raw[train_name], args.image_column)
-    label_col, names, raw = _label_column(raw, train_name, args.label_column)
+    label_col, names, raw = _label_column(raw, train_name, args.label_column, assets.resolve(args.dataset_name))
 
     test_name = _pick_split(raw, args.test_split, ("test",), "test_split")
     val_defaults = tuple(n for n in VALIDATION_NAMES if n != test_name)  # e.g. food101 tests on 'validation'
@@ -119,11 +125,8 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
             if name in splits and len(splits[name]) > args.max_eval_samples:
                 splits[name] = splits[name].shuffle(seed=seed).select(range(args.max_eval_samples))
     splits = {name: ds.cast_column(image_col, Image(decode=False)) for name, ds in splits.items()}
-    skipped = {}
-    if args.skip_bad_images:
-        for name, ds in splits.items():
-            kept = ds.filter(lambda batch: [_decodable(x) for x in batch[image_col]], batched=True)
-            skipped[name], splits[name] = len(ds) - len(kept), kept
+    sources = {"train": train_name, "validation": val_name or train_name, "test": test_name}
+    splits, skipped = check_images(splits, image_col, sources, args.skip_bad_images, args.image_check_workers)
     description = {
         "dataset": args.dataset_name, "config": args.dataset_config_name, "revision": args.dataset_revision,
         "splits": {"train": train_name, "validation": val_name or f"{args.validation_fraction:g} of {train_name}",
@@ -135,9 +138,18 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
     return ImageData(DatasetDict(splits), image_col, label_col, names, description)
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id ('user/name' has one slash and no leading '.', '/' or '~')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def _load_raw(args: DataArguments) -> DatasetDict:
     location = assets.resolve(args.dataset_name)  # embedded offline datasets ('hf_l2sp:digits')
     path = Path(location).expanduser()
+    if _looks_local(location) and not path.exists():
+        raise FileNotFoundError(f"dataset_name {args.dataset_name!r}: no such folder. Give an existing local folder "
+                                "(image folder, parquet repo or save_to_disk output) or a Hub id such as "
+                                "'user/dataset'.")
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
             raw = load_from_disk(str(path))
@@ -172,7 +184,23 @@ def _image_column(ds: Dataset, override: str | None) -> str:
     return found[0]
 
 
-def _label_column(raw: DatasetDict, train: str, override: str | None) -> tuple[str, list[str], DatasetDict]:
+def _single_class_hint(source: str | None) -> str:
+    """For a local image folder without labels: say how many class folders it has (datasets infers labels only
+    from two or more)."""
+    folder = Path(source).expanduser() if source else None
+    if folder is None or not folder.is_dir():
+        return ""
+    root = folder / "train" if (folder / "train").is_dir() else folder
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) > 1:
+        return ""
+    found = f"one class folder ({classes[0]!r})" if classes else "no class folders"
+    return (f" {str(root)!r} has {found}: an image folder needs one sub-folder per class, at least two "
+            f"(e.g. {str(root)}/cat/1.png, {str(root)}/dog/2.png).")
+
+
+def _label_column(raw: DatasetDict, train: str, override: str | None,
+                  source: str | None = None) -> tuple[str, list[str], DatasetDict]:
     ds = raw[train]
     if override:
         if override not in ds.features:
@@ -186,13 +214,21 @@ def _label_column(raw: DatasetDict, train: str, override: str | None) -> tuple[s
         col = found[0] if found else next((n for n in ("label", "labels") if n in ds.features), None)
         if col is None:
             raise ValueError(f"Dataset has no label column (no ClassLabel, no 'label'); set label_column. "
-                             f"Columns: {_describe_features(ds)}.")
+                             f"Columns: {_describe_features(ds)}." + _single_class_hint(source))
     feature = ds.features[col]
     if isinstance(feature, ClassLabel):
         return col, list(feature.names), raw
-    if not isinstance(feature, Value):
-        raise ValueError(f"label_column {col!r} holds {type(feature).__name__}, not class labels.")
+    if not isinstance(feature, Value) or not (feature.dtype.startswith("int") or feature.dtype in ("string",
+                                                                                                 "large_string")):
+        kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+        raise ValueError(f"label_column {col!r} holds {kind}, not class labels: use a ClassLabel, integer or "
+                         f"short-string column. Columns: {_describe_features(ds)}.")
     values = sorted({v for split in raw.values() if col in split.features for v in split[col]})
+    rows = sum(len(split) for split in raw.values() if col in split.features)
+    if not feature.dtype.startswith("int") and len(values) > max(10, rows // 2):
+        raise ValueError(f"label_column {col!r} looks like free text, not class labels: {len(values)} distinct "
+                         f"values in {rows} rows (e.g. {values[0]!r}). Choose the column that names each image's "
+                         f"class. Columns: {_describe_features(ds)}.")
     names = [str(v) for v in values]
     if feature.dtype.startswith("int"):
         if values and values[0] < 0:
@@ -239,12 +275,42 @@ def few_shot_subset(ds: Dataset, label_col: str, per_class: int, seed: int) -> D
     return ds.select(sorted(keep))
 
 
-def _decodable(value) -> bool:
+def _decode_error(value) -> str | None:
+    """None if the image decodes (fully: PIL reads lazily), else what went wrong."""
     try:
         Image().decode_example(value).load()
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
+        return f"{type(err).__name__}: {err}"
+
+
+def check_images(splits: dict[str, Dataset], image_col: str, sources: dict[str, str], skip: bool,
+                 workers: int | None = None) -> tuple[dict[str, Dataset], dict[str, int]]:
+    """Decode every image the run will read, before anything is trained or written.
+
+    Each split is scanned with `Dataset.map` (cached by the dataset's fingerprint, so a second run on the same data
+    is instant; `workers` processes, default: up to 4 for splits of 2,000 images or more; a progress bar per split).
+    A bad image raises one error naming the split, the row (in the original split, `sources[name]`) and the column;
+    with `skip`, bad rows are dropped and counted per split.
+    """
+    kept, skipped = {}, {}
+    for name, ds in splits.items():
+        procs = workers if workers is not None else (min(4, os.cpu_count() or 1) if len(ds) >= 2000 else None)
+        errors = ds.map(lambda batch: {"__error__": [_decode_error(x) for x in batch[image_col]]},
+                        batched=True, num_proc=procs if procs and procs > 1 else None,
+                        desc=f"Checking images ({name})")["__error__"]
+        bad = [i for i, err in enumerate(errors) if err is not None]
+        if bad and not skip:
+            row = ds[bad[0]][ROW]
+            more = f" ({len(bad) - 1} more in this split)" if len(bad) > 1 else ""
+            raise ValueError(f"Cannot decode the image in row {row} of split {sources.get(name, name)!r}, column "
+                             f"{image_col!r} ({errors[bad[0]]}){more}. Fix or remove it, or pass --skip_bad_images "
+                             "true to drop such rows.")
+        if bad:
+            logger.warning("hf_l2sp: dropped %d undecodable image(s) from split %r.", len(bad), name)
+            ds = ds.select(sorted(set(range(len(ds))) - set(bad)))
+        kept[name], skipped[name] = ds, len(bad)
+    return kept, skipped
 
 
 class Transforms(NamedTuple):

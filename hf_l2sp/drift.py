@@ -9,6 +9,7 @@ their tensors.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from .parameters import canonical_name, unwrap_model
 from .stages import stage_modules
 
+logger = logging.getLogger(__name__)
 DRIFT_JSON = "drift.json"
 DRIFT_PNG = "drift.png"
 
@@ -77,16 +79,25 @@ class _StageTracker:
         return self.current
 
 
-def save_drift(drift: dict, folder: str | Path, title: str = "") -> tuple[Path, Path]:
-    """Write drift.json and drift.png (relative distance per layer vs depth, stages marked)."""
-    import matplotlib
+def save_drift(drift: dict, folder: str | Path, title: str = "") -> tuple[Path, Path | None]:
+    """Write drift.json and, when matplotlib is installed, drift.png (relative distance per layer vs depth).
 
+    matplotlib is optional (the `demo` extra): without it the plot is skipped with one logged line, never an error
+    after training.
+    """
+    folder = Path(folder)
+    json_path, png_path = folder / DRIFT_JSON, folder / DRIFT_PNG
+    try:
+        import matplotlib
+    except ImportError:
+        logger.info("hf_l2sp: matplotlib is not installed; %s skipped (drift.json has the numbers).", DRIFT_PNG)
+        json_path.write_text(json.dumps(drift, indent=2))
+        return json_path, None
+    drift["plot"] = DRIFT_PNG  # the model card shows the plot only when this is set
+    json_path.write_text(json.dumps(drift, indent=2))
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = Path(folder)
-    json_path, png_path = folder / DRIFT_JSON, folder / DRIFT_PNG
-    json_path.write_text(json.dumps(drift, indent=2))
     layers = [row for row in drift["layers"] if row["relative_distance"] is not None]
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
     if layers:

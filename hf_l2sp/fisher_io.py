@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -76,9 +76,13 @@ def load_fisher(path_or_repo: str | os.PathLike, revision: str | None = None) ->
         if str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).endswith(".safetensors"):
             raise FileNotFoundError(f"Fisher file {str(path_or_repo)!r} does not exist.")
         path = _download(str(path_or_repo), revision)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"Fisher file {str(path)!r} is not a readable safetensors file ({err}); write it with "
+                         "`hf-l2sp fisher` or `save_fisher`.") from err
     if not tensors:
         raise ValueError(f"Fisher file {str(path)!r} holds no tensors.")
     return FisherDiagonal(tensors, metadata, source=str(path_or_repo))

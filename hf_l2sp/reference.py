@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -166,9 +168,15 @@ def _read_state_dict(path_or_repo: str, revision: str | None) -> dict[str, Tenso
 
 def _load_weights_file(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"Weights file {str(path)!r} is not a readable safetensors file ({err}).") from err
     if path.suffix in (".bin", ".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise ValueError(f"Weights file {str(path)!r} is not a readable torch checkpoint ({err}).") from err
         return state.get("state_dict", state) if isinstance(state, dict) else state
     raise ValueError(f"Unsupported weights file {path.name!r}; expected .safetensors, .bin, .pt or .pth.")
 

@@ -360,7 +360,7 @@ class SPTrainer(Trainer):
             finalize_timm_folder(folder)
         values = {canonical_name(k): v for k, v in state_dict.items()} if state_dict is not None else None
         drift = compute_drift(model, anchors, set(self.sp_parameters().anchored_names), values=values)
-        save_drift(drift, folder, title=f"{folder.name}: {self.regularizer.name}")
+        save_drift(drift, folder, title=f"{folder.name}: {self.regularizer.name}")  # sets drift["plot"] if drawn
         if getattr(self.regularizer, "fisher", None) is not None:
             save_fisher(self.regularizer.fisher, folder / "fisher.safetensors")
         for feature in self.feature_regularizers:  # e.g. DELTA's channel attention, reusable by a later run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import torch
 from datasets import Dataset, Value
@@ -98,3 +100,10 @@ def save_timm_folder(path, architecture: str = "test_resnet", num_classes: int =
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
     save_for_hf(model, str(path), safe_serialization=True, model_args={"num_classes": num_classes})
     return model
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for rendezvous), instead of a fixed number another run may hold."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from hf_l2sp import SPTrainer
 from hf_l2sp.cli import main
 from hf_l2sp.commands import train
 
-from .helpers import save_timm_folder, tensor_dataset, write_parquet_repo
+from .helpers import free_port, pil_images, save_timm_folder, write_parquet_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -85,6 +86,39 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, overri
     assert not (tmp_path / "out").exists()
 
 
+def _corrupt_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x00\x01 not safetensors at all")
+    return str(path)
+
+
+def _one_class_folder(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "folder" / split / "cat").mkdir(parents=True)
+        for i, image in enumerate(pil_images(3)):
+            image.save(tmp_path / "folder" / split / "cat" / f"{i}.png")
+    return str(tmp_path / "folder")
+
+
+@pytest.mark.parametrize("make_overrides, match", [
+    (lambda t: {"regularizer": "l2_sp_fisher", "sp_fisher": _corrupt_file(t, "fisher.safetensors")},
+     r"Fisher file '.*fisher.safetensors' is not a readable safetensors file \(.*\); write it with"),
+    (lambda t: {"sp_reference": _corrupt_file(t, "w0.safetensors")},
+     r"Weights file '.*w0.safetensors' is not a readable safetensors file"),
+    (lambda t: {"dataset_name": str(t / "no" / "such" / "folder")},
+     r"dataset_name '.*/no/such/folder': no such folder\. Give an existing local folder"),
+    (lambda t: {"dataset_name": _one_class_folder(t)},
+     r"has one class folder \('cat'\): an image folder needs one sub-folder per class, at least two"),
+    (lambda t: {"label_column": "note"},
+     r"label_column 'note' looks like free text, not class labels: 24 distinct values in 36 rows"),
+], ids=["corrupt_fisher", "corrupt_reference", "missing_local_dataset", "single_class_folder", "free_text_label"])
+def test_more_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, make_overrides, match):
+    assert main(["train", *tiny_flags(tmp_path, **make_overrides(tmp_path))]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-l2sp train: error:")]
+    assert len(errors) == 1 and re.search(match, errors[0]), errors
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_empty_output_dir_is_refused(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
@@ -94,26 +128,32 @@ def test_non_empty_output_dir_is_refused(tmp_path, capsys):
     assert main(["train", *tiny_flags(tmp_path, overwrite_output_dir="true")]) == 0
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_every_recipe_parses_and_builds_its_trainer(recipe, tmp_path):
-    """Dry run: parse the recipe, build its architecture (random init) and the SPTrainer, and its LR schedule."""
-    model_args, data_args, args = train.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path),
-                                                    "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
-    assert model_args.model_name_or_path and data_args.dataset_name
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Local stand-ins for the recipes' Hub ids: a tiny timm ResNet folder, and datasets with each Hub layout."""
+    root = tmp_path_factory.mktemp("stand_ins")
+    save_timm_folder(root / "model", architecture="test_resnet", num_classes=7)
+    write_parquet_repo(root / "train_test", splits={"train": 16, "test": 4}, num_labels=4)
+    write_parquet_repo(root / "train_validation", splits={"train": 16, "validation": 4}, num_labels=4)
+    return root
 
-    name = model_args.model_name_or_path.split("/")[-1].split(".")[0].removeprefix("hf_l2sp:")
-    architecture = "tf_efficientnet_lite0" if name == "efficientnet_lite0" else name
-    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture=architecture, num_labels=3))
-    data = tensor_dataset(4, size=32)
-    trainer = SPTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
-    assert trainer.regularizer.name == args.regularizer
-    steps = args.max_steps if args.max_steps > 0 else 100
-    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-    if args.lr_scheduler_type == "warmup_stable_decay":  # the paper's x0.1 step after 6000 iterations
-        lrs = [trainer.lr_scheduler.lr_lambdas[0](s) for s in (0, 5999, 6000, 6001, 8999)]
-        assert lrs == [1.0, 1.0, 1.0, 0.1, 0.1]
-    assert trainer.optimizer.defaults.get("momentum", 0.0) == pytest.approx(0.9)
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_runs_as_written(recipe, stand_ins, tmp_path):
+    """Each recipe as written (bf16, 8 loader workers, tensorboard, its schedule and augmentation), for 2 steps,
+    with only its Hub ids swapped for local stand-ins and `use_cpu` (this machine has no GPU): what
+    `pip install "hf_l2sp[paper]"` users run."""
+    settings = yaml.safe_load(recipe.read_text())
+    layout = "train_validation" if settings.get("test_split") == "validation" else "train_test"
+    flags = ["--config", str(recipe), "--model_name_or_path", str(stand_ins / "model"),
+             "--dataset_name", str(stand_ins / layout), "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--use_cpu", "true"]
+    assert main(["train", *flags]) == 0
+    run = tmp_path / "run"
+    assert (run / "model.safetensors").is_file() and (run / "README.md").is_file()
+    if settings.get("report_to") == "tensorboard":
+        assert list(run.glob("runs/*/events.out.tfevents.*")), "tensorboard wrote no event file"
+    results = json.loads((run / "all_results.json").read_text())
+    assert "test_accuracy" in results and "eval_accuracy" in results
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
@@ -124,7 +164,7 @@ def test_accelerate_launch_two_processes(tmp_path):
     flags = tiny_flags(tmp_path, max_steps=2, per_device_train_batch_size=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "hf_l2sp.cli", "train", *flags]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -105,21 +105,45 @@ def test_transforms_follow_the_model_data_config():
     assert paper_config["crop_mode"] == "squash"
 
 
-def test_undecodable_image_names_split_and_row_or_is_skipped(tmp_path):
+def test_undecodable_image_is_refused_before_training_or_skipped(tmp_path):
+    """Every image of every split the run reads is decoded up front; the error names split, row and column."""
     good = io.BytesIO()
     pil_images(1)[0].save(good, format="PNG")
     rows = [{"bytes": good.getvalue(), "path": None}] * 5 + [{"bytes": b"not an image", "path": None}]
     ds = Dataset.from_dict({"image": rows, "label": [0, 1, 0, 1, 0, 1]},
                            features=Features({"image": Image(decode=False), "label": ClassLabel(names=["a", "b"])}))
-    DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "d"))
-    data = load(tmp_path / "d", validation_fraction=0.3)
-    tf = build_transforms({"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3,
-                           "interpolation": "bilinear", "crop_pct": 1.0}, "none")
-    splits = with_transforms(data, tf.train, tf.eval)
-    with pytest.raises(ValueError, match=r"Cannot decode the image in row 5 of split 'test'.*skip_bad_images=True"):
-        [splits["test"][i] for i in range(6)]
+    DatasetDict({"train": ds.select(range(5)), "test": ds}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match=r"Cannot decode the image in row 5 of split 'test', column 'image' "
+                                         r"\(UnidentifiedImageError: .*\)\. .*--skip_bad_images true"):
+        load(tmp_path / "d", validation_fraction=0.3)
     skipped = load(tmp_path / "d", validation_fraction=0.3, skip_bad_images=True)
-    assert skipped.description["skipped_bad_images"]["test"] == 1 and len(skipped.splits["test"]) == 5
+    assert skipped.description["skipped_bad_images"] == {"train": 0, "validation": 0, "test": 1}
+    assert len(skipped.splits["test"]) == 5
+
+
+def test_bad_training_image_stops_the_cli_before_anything_is_written(tmp_path, capsys):
+    """A corrupt image at row 7 of train: `hf-l2sp train` ends with one line and leaves no output folder."""
+    from hf_l2sp.cli import main
+
+    from .helpers import save_timm_folder
+
+    good = io.BytesIO()
+    pil_images(1)[0].save(good, format="PNG")
+    rows = [{"bytes": good.getvalue(), "path": None}] * 12
+    rows[7] = {"bytes": b"\x89PNG broken", "path": None}
+    ds = Dataset.from_dict({"image": rows, "label": [i % 2 for i in range(12)]},
+                           features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}))
+    DatasetDict({"train": ds, "test": ds.select(range(4))}).save_to_disk(str(tmp_path / "d"))
+    save_timm_folder(tmp_path / "m", num_classes=2)
+    out = tmp_path / "run"
+    code = main(["train", "--model_name_or_path", str(tmp_path / "m"), "--dataset_name", str(tmp_path / "d"),
+                 "--output_dir", str(out), "--max_steps", "4", "--use_cpu", "true", "--report_to", "none",
+                 "--image_size", "32", "--validation_fraction", "0.25"])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
+    assert len(err) == 1 and err[0].startswith("hf-l2sp train: error: Cannot decode the image in row 7 of split "
+                                               "'train', column 'image'")
+    assert not out.exists()
 
 
 def test_unreachable_hub_dataset_says_offline_mode_is_on():

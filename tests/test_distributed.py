@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from hf_l2sp.cli import main
 from hf_l2sp.resume import COMPLETE_MARKER, last_complete_checkpoint
 from hf_l2sp.topology import UnsupportedTopologyError, check_supported
 
-from .helpers import save_timm_folder, sp_config, tensor_dataset, timm_classifier, write_parquet_repo
+from .helpers import free_port, save_timm_folder, sp_config, tensor_dataset, timm_classifier, write_parquet_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -64,12 +63,6 @@ def single(assets):
     out = assets / "single"
     assert main(["train", *flags(assets, out)]) == 0
     return result(out)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_ranks(commands: list[list[str]], logs: Path, timeout: float = 300) -> None:

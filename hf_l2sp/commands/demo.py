@@ -8,20 +8,12 @@ leaves each fine-tuned checkpoint in the output folder.
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 
+from ..argparsing import resolve_recipe
 from . import train
 
-RUNS = (("l2_sp", "offline_lite0_digits_l2sp.yaml"), ("l2", "offline_lite0_digits_l2.yaml"))
-
-
-def recipe_path(name: str) -> Path:
-    """Recipes ship inside the package (hf_l2sp/recipes) and in the repository's recipes/ folder."""
-    packaged = resources.files("hf_l2sp") / "recipes" / name
-    if packaged.is_file():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "recipes" / name
+RUNS = (("l2_sp", "offline_lite0_digits_l2sp"), ("l2", "offline_lite0_digits_l2"))  # packaged recipes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     results = {}
     for regularizer, recipe in RUNS:
-        flags = ["--config", str(recipe_path(recipe)), "--output_dir", str(Path(options.output_dir) / regularizer),
+        flags = ["--config", str(resolve_recipe(recipe)), "--output_dir", str(Path(options.output_dir) / regularizer),
                  "--overwrite_output_dir", "true", "--max_train_samples_per_class", str(options.samples_per_class),
                  "--seed", str(options.seed), "--disable_tqdm", "true"]
         if options.epochs is not None:

@@ -1,6 +1,6 @@
 """`hf-l2sp train`: fine-tune a pretrained backbone on an image dataset with an SP regularizer.
 
-    hf-l2sp train --config recipes/offline_lite0_digits_l2sp.yaml
+    hf-l2sp train --config offline_lite0_digits_l2sp   (a packaged recipe: hf_l2sp/recipes/)
     hf-l2sp train --config recipes/resnet50_dogs_l2_sp.yaml --sp_alpha 0.01 --output_dir runs/dogs
     hf-l2sp train --accelerate_config multi_gpu --config ...   (or fsdp2, zero2, multi_node, a YAML path)
     accelerate launch --multi_gpu --num_processes 2 -m hf_l2sp.cli train --config ...
@@ -60,6 +60,11 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
                               "--overwrite_output_dir to write into it, or --resume_from_checkpoint to continue.")
 
 
+def _remove_if_new_and_empty(folder: Path, existed: bool) -> None:
+    if not existed and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) -> dict[str, float]:
     """Everything is loaded and checked before the output folder is touched."""
     if not model_args.model_name_or_path:
@@ -77,8 +82,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     push = args.push_to_hub
     args.push_to_hub = False  # push once at the end, after the local output is complete (see push_output)
 
-    trainer = SPTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                        data_collator=collate_images, compute_metrics=compute_metrics)
+    existed = Path(args.output_dir).exists()
+    try:
+        trainer = SPTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
+                            data_collator=collate_images, compute_metrics=compute_metrics)
+    except Exception:
+        _remove_if_new_and_empty(Path(args.output_dir), existed)  # Trainer creates it; a refused run leaves nothing
+        raise
     trainer.backbone_report, trainer.data_description = report, data.description
     resume = args.resume_from_checkpoint
     resume = True if isinstance(resume, str) and resume.lower() in ("true", "last") else resume
