@@ -12,6 +12,8 @@ import sys
 
 COMMANDS = {
     "train": ("hf_l2sp.commands.train", "Fine-tune a pretrained backbone on an image dataset with an SP regularizer."),
+    "evaluate": ("hf_l2sp.commands.evaluation", "Evaluate a fine-tuned checkpoint on a dataset split (top-1/5, "
+                 "per class, bootstrap intervals)."),
     "fisher": ("hf_l2sp.commands.fisher", "Estimate the diagonal Fisher of a source classifier (for l2_sp_fisher)."),
     "study": ("hf_l2sp.commands.study", "Transfer study: every regularizer on offline real data, tables and plots."),
     "push": ("hf_l2sp.commands.push", "Upload a finished run folder to the Hugging Face Hub."),

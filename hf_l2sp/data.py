@@ -138,6 +138,28 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
     return ImageData(DatasetDict(splits), image_col, label_col, names, description)
 
 
+def load_evaluation_split(args: DataArguments, split: str, seed: int = 42) -> ImageData:
+    """One split as is (no carving, no few-shot subset), checked like training data, as `splits["eval"]`."""
+    if not args.dataset_name:
+        raise ValueError("dataset_name is required: a Hub dataset id or a local folder.")
+    raw = _load_raw(args)
+    if split not in raw:
+        raise ValueError(f"Split {split!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
+    image_col = _image_column(raw[split], args.image_column)
+    label_col, names, raw = _label_column(raw, split, args.label_column, assets.resolve(args.dataset_name))
+    ds = raw[split]
+    _check_labels(ds, label_col, len(names), split)
+    ds = ds.add_column(ROW, list(range(len(ds))))
+    if args.max_eval_samples and len(ds) > args.max_eval_samples:
+        ds = ds.shuffle(seed=seed).select(range(args.max_eval_samples))
+    splits, skipped = check_images({"eval": ds.cast_column(image_col, Image(decode=False))}, image_col,
+                                   {"eval": split}, args.skip_bad_images, args.image_check_workers)
+    description = {"dataset": args.dataset_name, "config": args.dataset_config_name, "revision": args.dataset_revision,
+                   "split": split, "num_examples": len(splits["eval"]), "num_classes": len(names),
+                   "image_column": image_col, "label_column": label_col, "skipped_bad_images": skipped}
+    return ImageData(DatasetDict(splits), image_col, label_col, names, description)
+
+
 def _looks_local(name: str) -> bool:
     """A path rather than a Hub id ('user/name' has one slash and no leading '.', '/' or '~')."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name

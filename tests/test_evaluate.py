@@ -1,0 +1,53 @@
+"""Metrics through the shipped `evaluate` modules, and `hf-l2sp evaluate` reproducing a run's own test accuracy."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hf_l2sp.cli import main
+from hf_l2sp.metrics import bootstrap_interval, classification_metrics, load_metric, metric_module_path
+
+from .test_cli import tiny_flags
+
+
+def test_metric_modules_load_by_path_offline_and_compute_the_formulas():
+    logits = np.array([[0.1, 0.9, 0.0, 0.0, 0.0, 0.3], [0.8, 0.1, 0.1, 0.0, 0.0, 0.0], [0.0, 0.2, 0.1, 0.9, 0.5, 0.0],
+                       [0.3, 0.3, 0.2, 0.1, 0.0, 0.1]])
+    labels = np.array([1, 2, 4, 1])
+    metrics = classification_metrics(logits, labels)
+    assert metrics["accuracy"] == 0.25  # row 0 only; row 3 ties 0/1 and the lower index wins
+    assert metrics["top5_accuracy"] == 1.0
+    assert metrics["mean_per_class_accuracy"] == pytest.approx((1 / 2 + 0 + 0) / 3)  # classes 1, 2, 4 present
+    assert [r["count"] for r in metrics["per_class"]] == [0, 2, 1, 0, 1, 0]
+    assert type(load_metric("top_k_accuracy")).__name__ == "TopKAccuracy"
+    assert metric_module_path("per_class_accuracy").joinpath("per_class_accuracy.py").is_file()
+    low, high = bootstrap_interval(np.array([True] * 30 + [False] * 10), np.zeros(40, dtype=int), 1)["accuracy"]
+    assert low < 0.75 < high
+
+
+def test_evaluate_reproduces_the_runs_test_accuracy_exactly(tmp_path, capsys):
+    assert main(["train", *tiny_flags(tmp_path, max_steps=6, learning_rate=0.05, per_device_train_batch_size=3)]) == 0
+    logged = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    capsys.readouterr()
+    out_file = tmp_path / "eval.json"
+    assert main(["evaluate", "--model_name_or_path", str(tmp_path / "out"), "--dataset_name", str(tmp_path / "data"),
+                 "--split", "test", "--bootstrap", "200", "--output", str(out_file)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["accuracy"] == logged["test_accuracy"]  # same preprocessing, same metric module: exactly
+    assert result["mean_per_class_accuracy"] == logged["test_mean_per_class_accuracy"]
+    assert result["num_examples"] == 12 and len(result["per_class"]) == 3
+    assert {r["label"] for r in result["per_class"]} == {"c0", "c1", "c2"}
+    low, high = result["ci95"]["accuracy"]
+    assert low <= result["accuracy"] <= high
+    assert json.loads(out_file.read_text()) == result
+
+
+def test_evaluate_refuses_a_dataset_with_other_labels(tmp_path, capsys):
+    from .helpers import write_parquet_repo
+
+    assert main(["train", *tiny_flags(tmp_path, max_steps=1)]) == 0
+    write_parquet_repo(tmp_path / "other", splits={"train": 6, "test": 6}, names=["x", "y", "z"])
+    assert main(["evaluate", "--model_name_or_path", str(tmp_path / "out"), "--dataset_name",
+                 str(tmp_path / "other")]) == 2
+    assert "are not the model's" in capsys.readouterr().err
