@@ -102,8 +102,8 @@ class SPTrainer(Trainer):
 
     # ---- anchor -------------------------------------------------------------------------------------------------
 
-    def _anchor(self, model: nn.Module) -> None:
-        """Anchor `model`: its w0 (snapshot, `sp_reference` or the given Reference), parameter sets, features."""
+    def _anchor(self, model: nn.Module, setup_penalties: bool = True) -> None:
+        """Anchor `model`: its w0 (snapshot, `sp_reference` or the given Reference), then the penalties on it."""
         head_modules = parse_head_option(self.args.sp_head)
         if head_modules is None:
             head_modules = find_head_modules(model)
@@ -116,9 +116,14 @@ class SPTrainer(Trainer):
                                                           self.args.device, self.args.sp_reference_revision)
         else:
             self.sp_reference = Reference.snapshot(model, head_modules, self.args.device)
+        if setup_penalties:
+            self._setup_penalties(model)
+
+    def _setup_penalties(self, model: nn.Module) -> None:
+        """Parameter sets and feature penalties (frozen source copies, layers, channel attention) for `model`."""
         self.refresh_sp_parameters()
         sets = self.sp_parameters(model)
-        for feature in self.feature_regularizers:  # frozen source copies, layers, channel attention
+        for feature in self.feature_regularizers:
             feature.setup(self, model)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(self._tag_names + [f"regularizer:{self.regularizer_spec.label}"])
@@ -128,7 +133,9 @@ class SPTrainer(Trainer):
         """Each model from `model_init` (every `hyperparameter_search` trial) is anchored to its own weights."""
         model = super().call_model_init(trial)
         if self._sp_ready:  # during Trainer.__init__ the model is anchored once __init__ has the rest
-            self._anchor(model)
+            # A search trial's sp_* values arrive in _hp_search_setup, which Trainer calls right after this: the
+            # penalties are set up there, once, with the trial's values.
+            self._anchor(model, setup_penalties=trial is None or self.hp_search_backend is None)
         return model
 
     def _hp_search_setup(self, trial) -> None:
@@ -138,7 +145,7 @@ class SPTrainer(Trainer):
             self._build_regularizers(self.args)
             self._detach_optimizer_side()
             if self.model is not None:
-                self._anchor(self.model)
+                self._setup_penalties(self.model)
 
     def sp_parameters(self, model: nn.Module | None = None) -> SPParameters:
         """The (anchored, head) parameter sets for `model` (any wrapper), resolved on its current parameters.
