@@ -23,6 +23,7 @@ from .regularizers import (
     register_regularizer,
 )
 from .trainer import SPTrainer
+from .tuning import compare, search
 
 try:
     __version__ = version("hf_l2sp")
@@ -30,6 +31,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "compare",
+    "search",
     "REGULARIZERS",
     "BackboneReport",
     "DataArguments",

@@ -45,13 +45,20 @@ def resolve_recipe(path: str) -> Path:
                       f"({', '.join(packaged)}).")
 
 
+def option_names(dataclass_types: tuple[type, ...]) -> set[str]:
+    return {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
+
+
+def unknown_options(options: dict, dataclass_types: tuple[type, ...]) -> list[str]:
+    return sorted(set(options) - option_names(dataclass_types))
+
+
 def read_recipe(path: str, dataclass_types: tuple[type, ...]) -> dict:
     file = resolve_recipe(path)
     recipe = yaml.safe_load(file.read_text()) or {}
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe {path!r} must be a mapping of option: value, not {type(recipe).__name__}.")
-    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(recipe) - known)
+    unknown = unknown_options(recipe, dataclass_types)
     if unknown:
         raise RecipeError(f"Recipe {path!r} has keys no option knows: {', '.join(unknown)}. "
                           "See `hf-l2sp train --help` for the valid options.")
@@ -68,3 +75,26 @@ def parse_with_recipe(dataclass_types: tuple[type, ...], argv: list[str] | None,
         parser.set_defaults(**read_recipe(known.config, dataclass_types))
     outputs = parser.parse_args_into_dataclasses(args=rest)
     return outputs[: len(dataclass_types)]
+
+
+_UNSET = object()
+
+
+def options_from_argv(dataclass_types: tuple[type, ...], argv: list[str], prog: str) -> dict:
+    """The options a command line gives, as a recipe-like mapping: the --config recipe, then the flags given.
+
+    Only options actually given appear (typed as the train command types them), so the mapping can be written
+    back as a recipe (`best.yaml`) that `hf-l2sp train --config` runs as is.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    options = dict(read_recipe(known.config, dataclass_types)) if known.config else {}
+    parser = make_parser(dataclass_types, prog, "")
+    parser.set_defaults(**{name: _UNSET for name in option_names(dataclass_types)})
+    given, extra = parser.parse_known_args(rest)
+    if extra:
+        raise RecipeError(f"Unknown argument(s) {' '.join(extra)}; see `{prog} --help`.")
+    options.update({k: v for k, v in vars(given).items() if v is not _UNSET and k not in ("config",
+                                                                                          "accelerate_config")})
+    return options

@@ -15,6 +15,8 @@ COMMANDS = {
     "evaluate": ("hf_l2sp.commands.evaluation", "Evaluate a fine-tuned checkpoint on a dataset split (top-1/5, "
                  "per class, bootstrap intervals)."),
     "fisher": ("hf_l2sp.commands.fisher", "Estimate the diagonal Fisher of a source classifier (for l2_sp_fisher)."),
+    "search": ("hf_l2sp.commands.search", "Search a regularizer's coefficient (and lr) on validation; best.yaml."),
+    "compare": ("hf_l2sp.commands.search", "Tune several regularizers, then compare them on paired seeds."),
     "study": ("hf_l2sp.commands.study", "Transfer study: every regularizer on offline real data, tables and plots."),
     "push": ("hf_l2sp.commands.push", "Upload a finished run folder to the Hugging Face Hub."),
     "demo": ("hf_l2sp.commands.demo", "Offline demo: ImageNet Lite0 on real digits, L2-SP beside L2."),
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-l2sp: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    entry = getattr(module, "main") if name not in ("regularizers", "version") else getattr(module, name)
+    entry = getattr(module, {"regularizers": "regularizers", "version": "version",
+                             "compare": "compare_main"}.get(name, "main"))
     try:
         return entry(rest) or 0
     except USER_ERRORS as err:

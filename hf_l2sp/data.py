@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 AUGMENTATIONS = ("timm", "paper", "none")
 ROW = "__row__"
+NO_SPLIT = "none"
 
 
 @dataclass
@@ -34,7 +35,9 @@ class DataArguments:
     validation_split: str | None = field(
         default=None, metadata={"help": "Validation split; default: validation/valid/val/dev, else carved from train."}
     )
-    test_split: str | None = field(default=None, metadata={"help": "Test split; default: 'test' when present."})
+    test_split: str | None = field(
+        default=None, metadata={"help": "Test split; default: 'test' when present; 'none': no test split."}
+    )
     validation_fraction: float = field(
         default=0.1, metadata={"help": "Share of train held out (stratified, seeded) when there is no validation split."}
     )
@@ -267,6 +270,8 @@ def _label_column(raw: DatasetDict, train: str, override: str | None,
 
 
 def _pick_split(raw: DatasetDict, requested: str | None, defaults: tuple[str, ...], option: str) -> str | None:
+    if requested == NO_SPLIT:  # e.g. test_split='none' during a hyperparameter search: never read the test split
+        return None
     if requested:
         if requested not in raw:
             raise ValueError(f"{option} {requested!r} not found; splits: {sorted(raw)}.")

@@ -19,6 +19,27 @@ class RegularizerSpec:
         return "+".join(([self.weight] if self.weight_named else []) + list(self.features))
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """What searching a regularizer means: the SPConfig fields one value sets, and the default grid."""
+
+    fields: tuple[str, ...]
+    grid: tuple[float, ...]
+
+    def overrides(self, value: float | None) -> dict[str, float]:
+        return {} if value is None else {name: value for name in self.fields}
+
+
+def search_space(spec: str) -> SearchSpace:
+    """The weight penalty's space when one is named (`l2_sp+bss` searches alpha), else the first feature's."""
+    parsed = parse_regularizer(spec)
+    if parsed.weight_named or not parsed.features:
+        owner = REGULARIZERS[parsed.weight]
+    else:
+        owner = FEATURE_REGULARIZERS[parsed.features[0]]
+    return SearchSpace(tuple(owner.search_fields), tuple(owner.search_grid))
+
+
 def all_names() -> list[str]:
     return sorted(REGULARIZERS) + sorted(FEATURE_REGULARIZERS)
 

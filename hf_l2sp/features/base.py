@@ -30,6 +30,9 @@ class FeatureRegularizer:
     #: scales each micro-batch's sum by accumulation steps x processes, so that splitting the batch changes nothing.
     #: False: a per-batch statistic (BSS), averaged over the step's micro-batches like the task loss's means.
     batch_sum: ClassVar[bool] = False
+    #: Its search space when it is searched (a feature penalty alone): the SPConfig fields and the default grid.
+    search_fields: ClassVar[tuple[str, ...]] = ()
+    search_grid: ClassVar[tuple[float, ...]] = ()
 
     def setup(self, trainer, model: nn.Module) -> None:
         """Called for each model the trainer anchors (at construction, and per `model_init` call): build frozen

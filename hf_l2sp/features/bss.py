@@ -33,6 +33,8 @@ class BatchSpectralShrinkage(FeatureRegularizer):
 
     formula = "Omega_bss(w) = eta * sum_{i=1..k} sigma_{-i}(F)^2, F = batch x pre-logits features"
     citation = BSS_CITATION
+    search_fields = ("sp_bss_eta",)
+    search_grid = (1e-4, 1e-3, 1e-2)
 
     def __init__(self, eta: float = 0.001, k: int = 1):
         if eta < 0 or k < 1:

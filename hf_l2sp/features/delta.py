@@ -51,6 +51,8 @@ class DELTA(FeatureRegularizer):
     citation = DELTA_CITATION
     adds_head_l2 = True
     batch_sum = True
+    search_fields = ("sp_delta_alpha",)
+    search_grid = (1e-3, 1e-2, 1e-1)
 
     def __init__(self, alpha: float = 0.01, layers: list[str] | None = None, attention: str = "computed",
                  attention_batches: int = 4, warmup_steps: int = 50):

@@ -69,6 +69,11 @@ class Regularizer:
     citation: ClassVar[str] = PAPER_CITATION
     #: True when the penalty pulls toward the pretrained weights (then optimizer weight decay fights it).
     pulls_to_source: ClassVar[bool] = True
+    #: Its search space: the SPConfig fields one searched value sets, and the default grid (ascending; ties in a
+    #: search go to the first). Scales differ on purpose, e.g. an L1 pull alpha*sign(w - w0) is far stronger than
+    #: alpha*(w - w0) at the same alpha.
+    search_fields: ClassVar[tuple[str, ...]] = ("sp_alpha",)
+    search_grid: ClassVar[tuple[float, ...]] = (1e-2, 1e-1, 1.0)
 
     def __init__(self, alpha: float = 0.0, beta: float = 0.0):
         self.alpha = check_coefficient("sp_alpha", alpha)

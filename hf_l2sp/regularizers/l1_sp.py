@@ -17,6 +17,7 @@ class L1SP(Regularizer):
     """
 
     formula = "Omega(w) = alpha * ||w_S - w0_S||_1 + beta/2 * ||w_new||^2"
+    search_grid = (1e-4, 1e-3, 1e-2)
 
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
         value, sq_distance = absolute_distance(params, anchors)

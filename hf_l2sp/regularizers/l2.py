@@ -18,6 +18,8 @@ class L2(Regularizer):
 
     formula = "Omega(w) = alpha/2 * ||w_S||^2 + beta/2 * ||w_new||^2"
     pulls_to_source = False
+    search_fields = ("sp_alpha", "sp_beta")  # plain weight decay: one coefficient on every weight, head included
+    search_grid = (1e-3, 1e-2, 1e-1)
 
     def quadratic_form(self) -> QuadraticForm:
         return QuadraticForm(self.alpha, False, None, self.beta)

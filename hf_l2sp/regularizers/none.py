@@ -13,6 +13,8 @@ class NoRegularizer(Regularizer):
 
     formula = "Omega(w) = 0"
     pulls_to_source = False
+    search_fields = ()  # nothing to search: one configuration
+    search_grid = ()
 
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         with torch.no_grad():

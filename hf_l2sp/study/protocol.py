@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..regularizer_spec import search_space
+
 REGULARIZERS = ("none", "l2", "l2_sp", "l1_sp", "group_lasso_sp", "l2_sp_fisher", "delta", "bss")
 PAPER_BETA = 0.01  # the paper's L2 on the new head for the SP penalties (and DELTA's head term)
 
@@ -87,20 +89,8 @@ def grid_point(regularizer: str, value: float | None) -> dict[str, float]:
     return {"sp_alpha": value, "sp_beta": PAPER_BETA}
 
 
-# The grid's coefficient per regularizer, in ascending order (ties go to the first). Scales differ on purpose: an
-# L1 pull of alpha*sign(w - w0) per element is far stronger than alpha*(w - w0) at the same alpha.
-GRIDS: dict[str, tuple[float, ...]] = {
-    "none": (0.0,),
-    "l2": (1e-3, 1e-2, 1e-1),
-    "l2_sp": (1e-2, 1e-1, 1.0),
-    "l1_sp": (1e-4, 1e-3, 1e-2),
-    "group_lasso_sp": (1e-3, 1e-2, 1e-1),
-    # Fisher normalised to mean 1. Its entries are extremely skewed (Lite0: median 0, max 6e4 x the mean), and
-    # SGD on alpha/2 F (w - w0)^2 diverges once lr * alpha * max F > 2, hence a grid lower than l2_sp's.
-    "l2_sp_fisher": (1e-4, 1e-3, 1e-2),
-    "delta": (1e-3, 1e-2, 1e-1),
-    "bss": (1e-4, 1e-3, 1e-2),
-}
+# The grid of each regularizer comes from the registry (its `search_grid`); `none` runs once, with nothing to search.
+GRIDS: dict[str, tuple[float, ...]] = {name: search_space(name).grid or (0.0,) for name in REGULARIZERS}
 GRID_PARAMETER = {"none": "-", "l2": "alpha=beta", "l2_sp": "alpha", "l1_sp": "alpha", "group_lasso_sp": "alpha",
                   "l2_sp_fisher": "alpha", "delta": "delta_alpha", "bss": "bss_eta"}
 

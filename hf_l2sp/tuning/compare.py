@@ -1,0 +1,128 @@
+"""`compare`: does a regularizer help on this data? Each one tuned on its own grid (validation only), then trained on
+paired seeds and evaluated on test once per seed.
+
+Paired means that for a given seed every regularizer gets the same few-shot training subset, the same validation
+carve and the same initial head (the engine records fingerprints of both, `train_rows` and `head_init`), so the
+per-seed test-accuracy differences isolate the regularizer. The report: mean +- std of test accuracy, the paired
+difference to the first regularizer (mean, wins/losses, paired t-test when scipy is installed), the selection
+margins, accuracy and drift plots, `compare.csv` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .engine import Trial, run_trials
+from .search import base_settings, search
+
+FINAL_FIELDS = ("size", "regularizer", "seed", "value", "learning_rate", "val_accuracy", "test_accuracy",
+                "test_mean_per_class_accuracy", "drift", "train_rows", "head_init", "train_seconds")
+
+
+def compare(options: dict[str, Any], output_dir: str | Path, regularizers: list[str], *,
+            samples_per_class: list[int] | None = None, final_seeds: int = 5, search_seeds: int = 1,
+            learning_rates: list[float] | None = None, search_lr: bool = False, vary_split: bool = False,
+            n_trials: int | None = None, workers: int = 1) -> dict:
+    """Search each regularizer, then run the paired final runs; `samples_per_class` repeats it per size.
+
+    learning_rates with `search_lr`: searched jointly per regularizer; without: the options' learning rate is
+    shared. Returns {size: {regularizer: summary}} and writes everything under `output_dir`.
+    """
+    if len(regularizers) < 2 or len(set(regularizers)) != len(regularizers):
+        raise ValueError(f"compare needs at least two different regularizers; got {regularizers}.")
+    if final_seeds < 1:
+        raise ValueError(f"final_seeds must be >= 1; got {final_seeds}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _, _, base_seed = base_settings(options)
+    sizes = samples_per_class or [options.get("max_train_samples_per_class")]
+    results, finals, selections = {}, [], {}
+    for size in sizes:
+        sized = {**options, "max_train_samples_per_class": size} if size else dict(options)
+        label = str(size) if size else "all"
+        chosen = {}
+        for regularizer in regularizers:
+            chosen[regularizer] = search({**sized, "regularizer": regularizer}, output_dir / label / regularizer,
+                                         seeds=search_seeds, learning_rates=learning_rates if search_lr else None,
+                                         vary_split=vary_split, n_trials=n_trials, workers=workers)
+        selections[label] = chosen
+        trials = [Trial.make(chosen[reg]["best_options"], seed=base_seed + k, evaluate_test=True, phase="final",
+                             setting="compare", size=size or 0, value=chosen[reg]["value"])
+                  for k in range(final_seeds) for reg in regularizers]
+        records, _ = run_trials(trials, output_dir / label, workers, name=f"final {label}")
+        finals += records
+        results[label] = summarise(records, regularizers, chosen)
+    _write_csv(finals, output_dir / "compare.csv")
+    (output_dir / "compare.json").write_text(json.dumps({"results": results, "selections": selections}, indent=1,
+                                                        default=str))
+    (output_dir / "report.md").write_text(markdown(results, regularizers, options))
+    plots = _plots(finals, output_dir, regularizers)
+    return {"results": results, "selections": selections, "plots": plots}
+
+
+def summarise(records: list[dict], regularizers: list[str], chosen: dict) -> dict:
+    from ..study.report import paired
+
+    by_reg = {reg: {r["seed"]: r for r in records if r["regularizer"] == reg} for reg in regularizers}
+    base = by_reg[regularizers[0]]
+    out = {}
+    for reg in regularizers:
+        accuracies = [r["test_accuracy"] for r in by_reg[reg].values()]
+        out[reg] = {"value": chosen[reg]["value"], "learning_rate": chosen[reg]["learning_rate"],
+                    "selection_margin": chosen[reg]["margin"], "n": len(accuracies),
+                    "test_mean": statistics.fmean(accuracies),
+                    "test_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                    "drift_mean": statistics.fmean(r["drift"] for r in by_reg[reg].values()),
+                    "paired": None if reg == regularizers[0] else paired(by_reg[reg], base)}
+    return out
+
+
+def markdown(results: dict, regularizers: list[str], options: dict) -> str:
+    lines = ["# hf-l2sp compare", "",
+             f"Model `{options.get('model_name_or_path')}`, data `{options.get('dataset_name')}`. Each regularizer "
+             "was tuned on its own grid on validation accuracy only; the final runs share their seeds (same subset, "
+             "validation carve and head init per seed) and are the only runs evaluated on test.", ""]
+    for label, table in results.items():
+        lines += [f"## {label} images per class" if label != "all" else "## all training images", "",
+                  f"| regularizer | chosen value | lr | test accuracy (%) | vs {regularizers[0]}: mean diff, "
+                  "wins/losses, p | selection margin | drift |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for reg in regularizers:
+            row = table[reg]
+            pair = row["paired"]
+            versus = "-" if pair is None else (f"{100 * pair['mean']:+.1f} ({pair['wins']}/{pair['losses']}"
+                                               + (f", p {pair['p']:.2f})" if pair["p"] is not None else ")"))
+            margin = "-" if row["selection_margin"] is None else f"{100 * row['selection_margin']:.1f}"
+            value = "-" if row["value"] is None else f"{row['value']:g}"
+            lines.append(f"| `{reg}` | {value} | {row['learning_rate']:g} | {100 * row['test_mean']:.1f} ± "
+                         f"{100 * row['test_std']:.1f} (n={row['n']}) | {versus} | {margin} | "
+                         f"{row['drift_mean']:.3f} |")
+        lines.append("")
+    lines += ["p: paired t-test over the seeds (scipy), absent without scipy or with identical results. Selection "
+              "margin: best minus runner-up mean validation accuracy on the grid, in points. Drift: relative "
+              "distance ||w - w0|| / ||w0|| of the fine-tuned backbone.", "",
+              "![test accuracy](accuracy.png)", "![per-layer drift](drift.png)", ""]
+    return "\n".join(lines)
+
+
+def _write_csv(records: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FINAL_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _plots(records: list[dict], output_dir: Path, regularizers: list[str]) -> list[str]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    from ..study.report import plot_accuracy, plot_drift
+
+    sized = [{**r, "size": r["size"] or r["train_images"]} for r in records]
+    plot_accuracy(sized, output_dir / "accuracy.png")
+    plot_drift(sized, output_dir / "drift.png", regularizers=tuple(regularizers))
+    return ["accuracy.png", "drift.png"]

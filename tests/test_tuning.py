@@ -1,0 +1,143 @@
+"""hf-l2sp search / compare on tiny settings: validation-only selection, resume, pairing, best.yaml round trip."""
+
+import io
+import json
+
+import pytest
+import yaml
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+from hf_l2sp import compare, search
+from hf_l2sp.cli import main
+from hf_l2sp.features import FEATURE_REGULARIZERS
+from hf_l2sp.regularizer_spec import search_space
+from hf_l2sp.regularizers import REGULARIZERS
+from hf_l2sp.tuning import engine
+
+from .helpers import pil_images, save_timm_folder
+
+
+def test_every_regularizer_knows_its_search_space():
+    from hf_l2sp.config import SPConfig
+    from hf_l2sp.study.protocol import GRIDS
+
+    fields = set(SPConfig.__dataclass_fields__)
+    for name in list(REGULARIZERS) + list(FEATURE_REGULARIZERS):
+        space = search_space(name)
+        assert set(space.fields) <= fields, name
+        assert list(space.grid) == sorted(space.grid) and (bool(space.grid) == bool(space.fields)), name
+    assert search_space("l2").fields == ("sp_alpha", "sp_beta")  # weight decay: one coefficient everywhere
+    assert search_space("l2_sp+bss").fields == ("sp_alpha",) and search_space("bss").fields == ("sp_bss_eta",)
+    assert search_space("delta").overrides(0.5) == {"sp_delta_alpha": 0.5}
+    assert GRIDS["l1_sp"] == search_space("l1_sp").grid and GRIDS["none"] == (0.0,)  # the study reads the registry
+
+
+def _dataset(path, corrupt_test: bool):
+    png = io.BytesIO()
+    pil_images(1)[0].save(png, format="PNG")
+    images = pil_images(36, seed=3)
+    rows = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows.append({"bytes": buffer.getvalue(), "path": None})
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b", "c"])})
+    train = Dataset.from_dict({"image": rows[:24], "label": [i % 3 for i in range(24)]}, features=features)
+    test_rows = rows[24:]
+    if corrupt_test:  # any decode of the test split fails: selection must never read it
+        test_rows = [{"bytes": b"this is not an image", "path": None}] * len(test_rows)
+    test = Dataset.from_dict({"image": test_rows, "label": [i % 3 for i in range(12)]}, features=features)
+    DatasetDict({"train": train, "test": test}).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tuning")
+    save_timm_folder(root / "model", architecture="test_convnext", num_classes=5)  # a new head
+    return {"root": root, "clean": _dataset(root / "clean", False), "poisoned": _dataset(root / "poisoned", True)}
+
+
+def options(tiny, dataset="clean", **overrides):
+    values = {"model_name_or_path": str(tiny["root"] / "model"), "dataset_name": tiny[dataset], "image_size": 32,
+              "max_steps": 2, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
+              "learning_rate": 0.05, "optim": "sgd", "use_cpu": True, "dataloader_num_workers": 0,
+              "validation_fraction": 0.25, "regularizer": "l2_sp", "augmentation": "none", "seed": 0}
+    values.update(overrides)
+    return values
+
+
+def test_selection_never_reads_the_test_split_and_final_reads_it_once(tiny, tmp_path):
+    summary = search(options(tiny, "poisoned"), tmp_path / "s", values=[0.01, 1.0], seeds=2)
+    rows = (tmp_path / "s" / "search.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("regularizer,value,learning_rate,seed")
+    assert summary["value"] in (0.01, 1.0) and summary["method"] == "grid"
+    assert {p[0] for p in summary["points"]} == {0.01, 1.0}
+    records = [json.loads(p.read_text()) for p in (tmp_path / "s" / "runs").glob("*.json")]
+    assert all(r["test_accuracy"] is None and r["test_images"] is None for r in records)
+    with pytest.raises(engine.RunsFailed, match=r"Cannot decode the image in row 0 of split 'test'"):
+        search(options(tiny, "poisoned"), tmp_path / "s", values=[0.01, 1.0], seeds=2, final=True)
+
+
+def test_resumed_search_redoes_only_missing_runs(tiny, tmp_path, monkeypatch):
+    calls = []
+    real = engine.run_trial
+    monkeypatch.setattr(engine, "run_trial", lambda trial: calls.append(trial.key) or real(trial))
+    first = search(options(tiny), tmp_path / "s", values=[0.1, 1.0])
+    assert len(calls) == 2
+    victim = sorted((tmp_path / "s" / "runs").glob("*.json"))[0]
+    victim.unlink()
+    again = search(options(tiny), tmp_path / "s", values=[0.1, 1.0])
+    assert len(calls) == 3 and calls[-1] == victim.stem  # only the missing run ran again
+    assert again["points"] == first["points"]
+
+
+def test_best_yaml_runs_as_is_with_hf_l2sp_train(tiny, tmp_path):
+    summary = search(options(tiny, output_dir=str(tmp_path / "trained")), tmp_path / "s", values=[0.1, 1.0],
+                     learning_rates=[0.01, 0.05])
+    best = yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())
+    assert best["sp_alpha"] == summary["value"] and best["learning_rate"] == summary["learning_rate"]
+    assert len(summary["points"]) == 4  # value x learning rate, searched jointly
+    assert main(["train", "--config", str(tmp_path / "s" / "best.yaml")]) == 0
+    provenance = json.loads((tmp_path / "trained" / "sp_config.json").read_text())
+    assert provenance["regularizer"]["alpha"] == summary["value"]
+
+
+def test_compare_pairs_subsets_and_head_init_across_regularizers(tiny, tmp_path):
+    result = compare(options(tiny), tmp_path / "c", ["l2", "l2_sp"], final_seeds=2)
+    finals = [json.loads(p.read_text()) for p in (tmp_path / "c" / "all" / "runs").glob("*.json")
+              if json.loads(p.read_text()).get("phase") == "final"]
+    assert len(finals) == 4
+    by_seed = {}
+    for r in finals:
+        by_seed.setdefault(r["seed"], []).append(r)
+    for runs in by_seed.values():
+        assert {r["regularizer"] for r in runs} == {"l2", "l2_sp"}
+        assert len({r["train_rows"] for r in runs}) == 1 and len({r["head_init"] for r in runs}) == 1
+    assert len({runs[0]["train_rows"] for runs in by_seed.values()}) == 2  # another seed, another subset
+    assert len({runs[0]["head_init"] for runs in by_seed.values()}) == 2
+    table = result["results"]["all"]
+    assert table["l2"]["paired"] is None and table["l2_sp"]["paired"]["n"] == 2
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "| `l2_sp` |" in report and "vs l2" in report
+    assert (tmp_path / "c" / "compare.csv").read_text().count("\n") == 5
+
+
+def test_tpe_through_hyperparameter_search_resumes_its_study(tiny, tmp_path):
+    pytest.importorskip("optuna")
+    first = search(options(tiny), tmp_path / "t", values=[0.01, 1.0], n_trials=2)
+    assert first["method"] == "tpe" and len(first["points"]) == 2
+    assert all(0.01 <= p[0] <= 1.0 for p in first["points"])
+    again = search(options(tiny), tmp_path / "t", values=[0.01, 1.0], n_trials=2)  # nothing left to run
+    assert again["points"] == first["points"]
+    with pytest.raises(ValueError, match="one seed per trial"):
+        search(options(tiny), tmp_path / "t2", values=[0.01, 1.0], n_trials=2, seeds=2)
+
+
+def test_search_command_line(tiny, tmp_path, capsys):
+    flags = [x for k, v in options(tiny, output_dir=str(tmp_path / "cli")).items() for x in (f"--{k}", str(v))]
+    assert main(["search", *flags, "--search_alpha", "0.1,1"]) == 0
+    out = capsys.readouterr().out
+    assert "best l2_sp: value" in out and (tmp_path / "cli" / "best.yaml").is_file()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["seeds"] == 1 and summary["fields"] == ["sp_alpha"]
