@@ -36,7 +36,7 @@ def finished(tiny_plan, tmp_path_factory):
     original = SPTrainer.evaluate
 
     def spy(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        if "hf_l2sp_study_" in self.args.output_dir:  # a study run (not the source pretraining)
+        if "hf_l2sp_trial_" in self.args.output_dir:  # a study run (not the source pretraining)
             evaluated.append((self.args.output_dir, metric_key_prefix, len(eval_dataset)))
         return original(self, eval_dataset, ignore_keys, metric_key_prefix)
 

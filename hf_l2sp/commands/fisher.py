@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     options, data_args = parse_with_recipe((FisherArguments, DataArguments), argv, prog="hf-l2sp fisher",
                                            description=__doc__.split("\n")[0])
+    run(options, data_args)
+    return 0
+
+
+def run(options: FisherArguments, data_args: DataArguments):
+    """Estimate and write the Fisher diagonal (on the main process); returns the path written (None elsewhere)."""
     if not options.model or not options.output:
         raise ValueError("--model and --output are required.")
     from accelerate import PartialState
@@ -84,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{' config ' + data_args.dataset_config_name if data_args.dataset_config_name else ''}",
                   "world_size": state.num_processes},
     )
-    if state.is_main_process:
-        path = save_fisher(fisher, options.output)
-        print(f"Fisher diagonal ({options.mode}, m={fisher.metadata['num_samples']}) of {report.architecture} "
-              f"written to {path}")
-    return 0
+    if not state.is_main_process:
+        return None
+    path = save_fisher(fisher, options.output)
+    print(f"Fisher diagonal ({options.mode}, m={fisher.metadata['num_samples']}) of {report.architecture} "
+          f"written to {path}")
+    return path

@@ -1,4 +1,5 @@
-"""Runs a `StudyPlan`: sources, then the lr, grid and final phases, each on a pool of one-thread workers.
+"""Runs a `StudyPlan`: sources, then the lr, grid and final phases, each through the run engine of `hf-l2sp search`
+and `compare` (`tuning.engine.run_trials`, one-thread worker processes).
 
 Finished runs are found by key under `<results>/runs/` and skipped, so the same command resumes a killed study.
 """
@@ -7,42 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 from .protocol import GRIDS, Setting, StudyPlan, default_value, grid_point
-from .runs import RunSpec, execute, read_record, result_path
+from ..tuning.engine import configure_process, run_trials
+from .runs import RunSpec, to_trial
 from .selection import choose
 from .sources import prepare_setting
 
 logger = logging.getLogger("hf_l2sp.study")
 SELECTION_FILE = "selection.json"
-
-
-def configure_process(threads: int | None, flush_denormal: bool) -> None:
-    """Thread count and denormal flushing for a run process; quiet libraries (the study prints its own progress)."""
-    import torch
-
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
-    # Weights and activations decaying toward zero can become denormal floats, which x86 handles in microcode
-    # (many times slower); flushing them to zero changes nothing measurable in the results.
-    torch.set_flush_denormal(flush_denormal)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-
-
-def _work(spec: RunSpec, results_dir: str) -> dict:
-    return execute(spec, results_dir)
 
 
 @dataclass
@@ -127,47 +103,11 @@ class Study:
         )
 
     def execute_phase(self, name: str, specs: list[RunSpec]) -> list[dict]:
-        """Run the specs that have no record yet; return every spec's record. Raises if any run failed."""
-        start = time.perf_counter()
-        pending = [s for s in specs if read_record(result_path(self.results_dir, s)) is None]
-        if pending:
-            logger.info("phase %s: %d runs, %d already done", name, len(specs), len(specs) - len(pending))
-        failures = []
-        for done, (spec, outcome) in enumerate(self._map(pending), start=1):
-            if isinstance(outcome, BaseException):
-                failures.append(f"{spec.key}: {type(outcome).__name__}: {outcome}")
-                logger.error("run %s failed: %s", spec.key, outcome)
-                continue
-            elapsed = time.perf_counter() - start
-            eta = elapsed / done * (len(pending) - done)
-            test = outcome.get("test_accuracy")
-            logger.info("[%s %d/%d] %s val %.4f%s drift %.3f %.1fs (eta %.0f min)", name, done, len(pending),
-                        spec.key, outcome["val_accuracy"], "" if test is None else f" test {test:.4f}",
-                        outcome["drift"] or 0.0, outcome["wall_seconds"], eta / 60)
-        self.phases.append(PhaseReport(name, len(specs), len(pending) - len(failures),
-                                       time.perf_counter() - start))
-        if failures:
-            raise RuntimeError(f"{len(failures)} run(s) of phase {name!r} failed (rerun the same command to retry "
-                               "them; finished runs are kept):\n" + "\n".join(failures[:10]))
-        return [read_record(result_path(self.results_dir, s)) for s in specs]
-
-    def _map(self, specs: list[RunSpec]):
-        if not specs:
-            return
-        if self.workers <= 1:
-            for spec in specs:
-                try:
-                    yield spec, execute(spec, self.results_dir)
-                except Exception as err:  # recorded and reported once the phase ends
-                    yield spec, err
-            return
-        context = get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=configure_process,
-                                 initargs=(1, self.flush_denormal)) as pool:
-            futures = {pool.submit(_work, spec, str(self.results_dir)): spec for spec in specs}
-            for future in as_completed(futures):
-                error = future.exception()
-                yield futures[future], error if error is not None else future.result()
+        """Run the specs that have no record yet (the run engine); return every spec's record."""
+        records, progress = run_trials([to_trial(spec) for spec in specs], self.results_dir, self.workers,
+                                       name=f"phase {name}", flush_denormal=self.flush_denormal)
+        self.phases.append(PhaseReport(name, progress.total, progress.executed, progress.seconds))
+        return records
 
     def _write_selection(self, selection: dict) -> None:
         path = self.results_dir / SELECTION_FILE

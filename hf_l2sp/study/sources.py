@@ -1,7 +1,8 @@
 """What a setting needs before its runs: the source network (pretrained here for near transfer) and its Fisher file.
 
-Both go through the user-facing commands (`hf-l2sp train` for pretraining, `hf-l2sp fisher` for the Fisher), and
-both are skipped when their output is already complete, so an interrupted study resumes where it stopped.
+Both go through the commands' Python entry points (`commands.train.run` for pretraining, `commands.fisher.run` for
+the Fisher), and both are skipped when their output is already complete, so an interrupted study resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def pretrain_source(setting: Setting, output: Path) -> Path:
     import torch
     from timm.models import save_for_hf
 
-    from ..commands.train import parse_args, run
+    from ..commands.train import run
     from ..data import DataArguments, load_image_dataset
+    from ..tuning.engine import parse_options
 
     spec = setting.pretrain
     shutil.rmtree(output, ignore_errors=True)
@@ -51,15 +53,14 @@ def pretrain_source(setting: Setting, output: Path) -> Path:
     config.pop("model_args", None)
     (init / "config.json").write_text(json.dumps(config, indent=2))
     logger.info("Pretraining the near-transfer source %s on %s", spec.architecture, spec.dataset)
-    argv = ["--model_name_or_path", str(init), "--dataset_name", spec.dataset, "--regularizer", "none",
-            "--image_size", str(setting.image_size), "--augmentation", "none", "--output_dir", str(output),
-            "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", str(spec.learning_rate),
-            "--lr_scheduler_type", "cosine", "--warmup_steps", "20", "--num_train_epochs", str(spec.epochs),
-            "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "256",
-            "--weight_decay", "0.0", "--sp_alpha", "0", "--sp_beta", "0", "--eval_strategy", "no",
-            "--save_strategy", "no", "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true",
-            "--seed", "0", "--dataloader_num_workers", "0"]
-    metrics = run(*parse_args(argv))
+    options = {"model_name_or_path": str(init), "dataset_name": spec.dataset, "regularizer": "none",
+               "image_size": setting.image_size, "augmentation": "none", "output_dir": str(output), "optim": "sgd",
+               "optim_args": "momentum=0.9", "learning_rate": spec.learning_rate, "lr_scheduler_type": "cosine",
+               "warmup_steps": 20, "num_train_epochs": spec.epochs, "per_device_train_batch_size": 32,
+               "per_device_eval_batch_size": 256, "weight_decay": 0.0, "sp_alpha": 0.0, "sp_beta": 0.0,
+               "eval_strategy": "no", "save_strategy": "no", "logging_steps": 50, "report_to": "none",
+               "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0}
+    metrics = run(*parse_options(options))
     (output / "source_metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(init, ignore_errors=True)
     (output / DONE).write_text("ok\n")
@@ -70,15 +71,15 @@ def estimate_source_fisher(setting: Setting, output: Path) -> Path:
     """The source model's Fisher diagonal (normalised to mean 1) on the setting's Fisher images (train split)."""
     if output.is_file():
         return output
-    from ..commands.fisher import main as fisher_main
+    from ..commands.fisher import FisherArguments, run
+    from ..data import DataArguments
 
     plan = setting.fisher
     logger.info("Estimating the %s Fisher of %s on %s", plan.mode, setting.model, plan.dataset)
     tmp = output.with_name(output.stem + ".partial.safetensors")
-    fisher_main(["--model", setting.model, "--dataset_name", plan.dataset, "--train_split", "train",
-                 "--image_size", str(setting.image_size), "--mode", plan.mode, "--num_samples",
-                 str(plan.num_samples), "--draws", str(plan.draws), "--normalize", "mean", "--device", "cpu",
-                 "--output", str(tmp)])
+    run(FisherArguments(model=setting.model, output=str(tmp), mode=plan.mode, num_samples=plan.num_samples,
+                        draws=plan.draws, normalize="mean", device="cpu"),
+        DataArguments(dataset_name=plan.dataset, train_split="train", image_size=setting.image_size))
     tmp.replace(output)
     return output
 

@@ -50,8 +50,9 @@ def compare(options: dict[str, Any], output_dir: str | Path, regularizers: list[
                                          seeds=search_seeds, learning_rates=learning_rates if search_lr else None,
                                          vary_split=vary_split, n_trials=n_trials, workers=workers)
         selections[label] = chosen
-        trials = [Trial.make(chosen[reg]["best_options"], seed=base_seed + k, evaluate_test=True, phase="final",
-                             setting="compare", size=size or 0, value=chosen[reg]["value"])
+        trials = [Trial.make(chosen[reg]["best_options"], seed=base_seed + k, evaluate_test=True,
+                             fields={"phase": "final", "setting": "compare", "size": size or 0,
+                                     "value": chosen[reg]["value"]})
                   for k in range(final_seeds) for reg in regularizers]
         records, _ = run_trials(trials, output_dir / label, workers, name=f"final {label}")
         finals += records

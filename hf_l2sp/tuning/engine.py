@@ -43,9 +43,9 @@ class Trial:
 
     @classmethod
     def make(cls, options: dict[str, Any], seed: int, data_seed: int | None = None, evaluate_test: bool = False,
-             key: str = "", **fields) -> Trial:
+             key: str = "", fields: dict[str, Any] | None = None) -> Trial:
         trial = cls(tuple(sorted(options.items())), seed, seed if data_seed is None else data_seed, evaluate_test,
-                    key, tuple(sorted(fields.items())))
+                    key, tuple(sorted((fields or {}).items())))
         return trial if key else dataclasses.replace(trial, key=trial.digest())
 
     def digest(self) -> str:
@@ -99,6 +99,9 @@ def run_trial(trial: Trial) -> dict:
                                  model_args.cache_dir)
         transforms = build_transforms(data_config_of(model), data_args.augmentation, data_args.image_size)
         splits = with_transforms(data, transforms.train, transforms.eval)
+        if args.dataloader_drop_last and len(splits["train"]) < args.per_device_train_batch_size:
+            raise ValueError(f"{trial.key}: {len(splits['train'])} training images, fewer than one batch of "
+                             f"{args.per_device_train_batch_size}; lower the batch size or raise the size per class.")
         head = _head_fingerprint(model)
         trainer = SPTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
                             data_collator=collate_images, compute_metrics=compute_metrics)

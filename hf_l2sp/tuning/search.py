@@ -76,7 +76,7 @@ def search(options: dict[str, Any], output_dir: str | Path, *, values: list[floa
 
 def run_final(options: dict[str, Any], output_dir: Path, seed: int, workers: int = 1) -> dict:
     """The chosen configuration, trained once (the base seed and split) and evaluated on test once."""
-    trial = Trial.make(options, seed=seed, evaluate_test=True, phase="final")
+    trial = Trial.make(options, seed=seed, evaluate_test=True, fields={"phase": "final"})
     (record,), _ = run_trials([trial], output_dir, workers, name="final")
     (output_dir / "final.json").write_text(json.dumps(record, indent=1))
     return {k: record[k] for k in ("val_accuracy", "test_accuracy", "test_mean_per_class_accuracy", "drift")}
@@ -90,7 +90,7 @@ def _grid(options, output_dir, space: SearchSpace, grid, lrs, seeds, base_seed, 
                 seed = base_seed + SEARCH_OFFSET + k
                 trials.append(Trial.make({**options, **space.overrides(value), "learning_rate": lr}, seed=seed,
                                          data_seed=seed if vary_split else base_seed + SEARCH_OFFSET,
-                                         phase="search", value=value))
+                                         fields={"phase": "search", "value": value}))
     records, _ = run_trials(trials, output_dir, workers, name=f"search {regularizer}")
     return [{field: record.get(field) for field in CSV_FIELDS} for record in records]
 
