@@ -23,7 +23,7 @@ from .regularizers import (
     register_regularizer,
 )
 from .trainer import SPTrainer
-from .tuning import compare, search
+from .tuning import compare, load_recipe, search
 
 try:
     __version__ = version("hf_l2sp")
@@ -32,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "compare",
+    "load_recipe",
     "search",
     "REGULARIZERS",
     "BackboneReport",
