@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..argparsing import resolve_recipe
+from ..tuning import load_recipe
+from ..tuning.engine import parse_options
 from . import train
 
 RUNS = (("l2_sp", "offline_lite0_digits_l2sp"), ("l2", "offline_lite0_digits_l2"))  # packaged recipes
@@ -25,13 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     results = {}
     for regularizer, recipe in RUNS:
-        flags = ["--config", str(resolve_recipe(recipe)), "--output_dir", str(Path(options.output_dir) / regularizer),
-                 "--overwrite_output_dir", "true", "--max_train_samples_per_class", str(options.samples_per_class),
-                 "--seed", str(options.seed), "--disable_tqdm", "true"]
+        run_options = {**load_recipe(recipe), "output_dir": str(Path(options.output_dir) / regularizer),
+                       "overwrite_output_dir": True, "max_train_samples_per_class": options.samples_per_class,
+                       "seed": options.seed, "disable_tqdm": True}
         if options.epochs is not None:
-            flags += ["--num_train_epochs", str(options.epochs)]
-        metrics = train.run(*train.parse_args(flags))
-        results[regularizer] = metrics
+            run_options["num_train_epochs"] = options.epochs
+        results[regularizer] = train.run(*parse_options(run_options))
     print(f"\nEfficientNet-Lite0 (ImageNet) -> digits, {options.samples_per_class} images per class, seed {options.seed}")
     print(f"{'regularizer':12s} {'test accuracy':>14s} {'val accuracy':>13s}  checkpoint")
     for regularizer, metrics in results.items():

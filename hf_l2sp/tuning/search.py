@@ -128,7 +128,8 @@ def _tpe(options, output_dir, space: SearchSpace, grid, lrs, n_trials, seeds, ba
     transforms = build_transforms(data_config_of(model_init()), data_args.augmentation, data_args.image_size)
     splits = with_transforms(data, transforms.train, transforms.eval)
     trainer = SPTrainer(model_init=model_init, args=args, train_dataset=splits["train"],
-                        eval_dataset=splits["validation"], data_collator=collate_images, compute_metrics=compute_metrics)
+                        eval_dataset=splits["validation"], data_collator=collate_images,
+                        compute_metrics=compute_metrics)
 
     def hp_space(trial):
         value = trial.suggest_float("value", low, high, log=True)
