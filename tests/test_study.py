@@ -7,7 +7,7 @@ import pytest
 
 from hf_l2sp.study import FisherPlan, Schedule, Setting, SourcePretraining, Study, StudyPlan, write_report
 from hf_l2sp.study.protocol import GRIDS
-from hf_l2sp.study.selection import choose
+from hf_l2sp.tuning.selection import choose
 from hf_l2sp.trainer import SPTrainer
 
 from .helpers import write_parquet_repo

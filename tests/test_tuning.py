@@ -141,3 +141,14 @@ def test_search_command_line(tiny, tmp_path, capsys):
     assert "best l2_sp: value" in out and (tmp_path / "cli" / "best.yaml").is_file()
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["seeds"] == 1 and summary["fields"] == ["sp_alpha"]
+
+
+def test_compare_command_line(tiny, tmp_path, capsys):
+    flags = [x for k, v in options(tiny, output_dir=str(tmp_path / "cli")).items() for x in (f"--{k}", str(v))]
+    assert main(["compare", *flags, "--regularizers", "none,l2_sp", "--final_seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| `l2_sp` |" in out and (tmp_path / "cli" / "report.md").is_file()
+    results = json.loads(out.strip().splitlines()[-1])
+    assert set(results["all"]) == {"none", "l2_sp"} and results["all"]["none"]["value"] is None
+    assert main(["compare", *flags, "--regularizers", "l2,l2_sp", "--search_alpha", "0.1"]) == 2
+    assert "--search_alpha is for hf-l2sp search" in capsys.readouterr().err

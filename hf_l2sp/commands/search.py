@@ -102,6 +102,9 @@ def compare_main(argv: list[str] | None = None) -> int:
         parser.add_argument("--final_seeds", type=int, default=5, help="Paired final runs per regularizer.")
 
     known, options = _run(list(sys.argv[2:] if argv is None else argv), "hf-l2sp compare", extra)
+    if known.search_alpha is not None:
+        raise ValueError("hf-l2sp compare tunes each regularizer on its own grid (their scales differ); "
+                         "--search_alpha is for hf-l2sp search.")
     out = Path(options["output_dir"])
     result = _user_facing(lambda: compare(
         {**options, "output_dir": str(out / "best")}, out, known.regularizers,

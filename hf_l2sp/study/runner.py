@@ -14,7 +14,7 @@ from pathlib import Path
 from .protocol import GRIDS, Setting, StudyPlan, default_value, grid_point
 from ..tuning.engine import configure_process, run_trials
 from .runs import RunSpec, to_trial
-from .selection import choose
+from ..tuning.selection import choose
 from .sources import prepare_setting
 
 logger = logging.getLogger("hf_l2sp.study")

@@ -21,6 +21,7 @@ import yaml
 
 from ..regularizer_spec import SearchSpace, search_space
 from .engine import RUN_CONTROL, Trial, parse_options, run_trials
+from .selection import choose
 
 logger = logging.getLogger("hf_l2sp.tuning")
 SEARCH_OFFSET = 100  # search seeds are base seed + 100 + k: never the final runs' seeds (base seed + k)
@@ -160,22 +161,17 @@ def _completed(optuna, storage: str, name: str) -> int:
 
 
 def choose_point(rows: list[dict]) -> dict:
-    """The (value, learning rate) with the best mean validation accuracy over its seeds; ties: smaller value, then
-    smaller learning rate. Also the runner-up margin and the seed spread. Reads validation results only."""
-    by_point: dict[tuple, list[float]] = defaultdict(list)
-    for row in rows:
-        by_point[(row["value"], row["learning_rate"])].append(row["val_accuracy"])
-    if not by_point:
+    """The (value, learning rate) with the best mean validation accuracy over the seeds (`selection.choose`: ties to
+    the smaller value, then the smaller learning rate), with the runner-up margin, the seed spread and the choice
+    each seed alone would have made. Reads validation results only."""
+    if not rows:
         raise ValueError("No finished search runs to choose from.")
-    means = {p: statistics.fmean(v) for p, v in by_point.items()}
-    ranked = sorted(means, key=lambda p: (-means[p], -1 if p[0] is None else p[0], p[1]))
-    best = ranked[0]
-    spread = by_point[best]
-    return {"value": best[0], "learning_rate": best[1], "mean_val_accuracy": means[best],
-            "std_val_accuracy": statistics.stdev(spread) if len(spread) > 1 else 0.0,
-            "runner_up": list(ranked[1]) if len(ranked) > 1 else None,
-            "margin": means[best] - means[ranked[1]] if len(ranked) > 1 else None,
-            "points": [[p[0], p[1], means[p]] for p in sorted(means, key=lambda p: (p[0] or 0.0, p[1]))]}
+    choice = choose([{**r, "point": (r["value"], r["learning_rate"])} for r in rows], "point").as_dict()
+    (value, lr) = choice.pop("value")
+    return {"value": value, "learning_rate": lr, "mean_val_accuracy": choice["mean_val"],
+            "std_val_accuracy": choice["std_val"], "runner_up": choice["runner_up"], "margin": choice["margin"],
+            "agreement": choice["agreement"], "seed_choices": choice["split_choices"],
+            "points": [[v, r, mean] for (v, r), mean in choice["grid"]]}
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
