@@ -216,8 +216,12 @@ def run_trials(trials: Iterable[Trial], results_dir: str | os.PathLike, workers:
     progress = Progress(name, len(trials))
     if pending:
         logger.info("%s: %d runs, %d already done", name, len(trials), len(trials) - len(pending))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pending), desc=name, unit="run", disable=not pending)  # progress from Python too
     for done, (trial, outcome) in enumerate(_map(pending, str(results_dir), workers, runner, flush_denormal),
                                             start=1):
+        bar.update(1)
         if isinstance(outcome, BaseException):
             progress.failures.append(f"{trial.key}: {type(outcome).__name__}: {outcome}")
             logger.error("run %s failed: %s", trial.key, outcome, exc_info=outcome)
@@ -226,9 +230,11 @@ def run_trials(trials: Iterable[Trial], results_dir: str | os.PathLike, workers:
         elapsed = time.perf_counter() - start
         eta = elapsed / done * (len(pending) - done)
         test = outcome.get("test_accuracy")
+        bar.set_postfix_str(f"val {outcome['val_accuracy']:.3f}")
         logger.info("[%s %d/%d] %s val %.4f%s drift %.3f %.1fs (eta %.0f min)", name, done, len(pending), trial.key,
                     outcome["val_accuracy"], "" if test is None else f" test {test:.4f}", outcome["drift"] or 0.0,
                     outcome["wall_seconds"], eta / 60)
+    bar.close()
     progress.seconds = time.perf_counter() - start
     if progress.failures:
         raise RunsFailed(f"{len(progress.failures)} run(s) of {name!r} failed (rerun the same command to retry "
