@@ -124,6 +124,36 @@ def _plots(records: list[dict], output_dir: Path, regularizers: list[str]) -> li
     from ..study.report import plot_accuracy, plot_drift
 
     sized = [{**r, "size": r["size"] or r["train_images"]} for r in records]
-    plot_accuracy(sized, output_dir / "accuracy.png")
+    if len({r["size"] for r in sized}) > 1:
+        plot_accuracy(sized, output_dir / "accuracy.png")  # accuracy against the training size
+    else:
+        _plot_one_size(sized, output_dir / "accuracy.png", regularizers)
     plot_drift(sized, output_dir / "drift.png", regularizers=tuple(regularizers))
     return ["accuracy.png", "drift.png"]
+
+
+def _plot_one_size(records: list[dict], path: Path, regularizers: list[str]) -> None:
+    """Test accuracy per regularizer: every seed, the mean and the standard deviation; paired seeds joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.1 * len(regularizers)), 3.6), dpi=110)
+    by_seed: dict[int, list[tuple[int, float]]] = {}
+    for i, reg in enumerate(regularizers):
+        values = [(r["seed"], 100 * r["test_accuracy"]) for r in records if r["regularizer"] == reg]
+        for seed, value in values:
+            by_seed.setdefault(seed, []).append((i, value))
+        accuracies = [v for _, v in values]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        ax.errorbar([i + 0.15], [statistics.fmean(accuracies)], yerr=[spread], marker="o", capsize=3, color="k")
+    for points in by_seed.values():  # one line per seed: the paired comparison
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", lw=0.7, alpha=0.5)
+    ax.set_xticks(range(len(regularizers)), regularizers)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{records[0]['size']} images per class: seeds (lines), mean +- std", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
