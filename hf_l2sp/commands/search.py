@@ -58,6 +58,9 @@ def _run(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, dict]:
         print(f"\nand every `hf-l2sp train` option (see `hf-l2sp train --help`).")
         raise SystemExit(0)
     known, rest = parser.parse_known_args(argv)
+    if any(a == "--accelerate_config" or a.startswith("--accelerate_config=") for a in rest):
+        raise ValueError(f"{prog} runs its trials as local processes (--workers); --accelerate_config is for "
+                         "hf-l2sp train.")
     options = options_from_argv(ARGUMENT_TYPES, rest, prog)
     if not options.get("output_dir"):
         raise ValueError(f"{prog} needs --output_dir (in the recipe or as a flag): its results go there.")
