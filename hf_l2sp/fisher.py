@@ -136,10 +136,15 @@ def _owned(model: nn.Module, modules: set[str], names: set[str]) -> set[str]:
 
 
 def _draw(model: nn.Module, x: Tensor, draws: int, generator) -> Tensor:
-    """(batch, draws) labels drawn from the model's own predictive distribution, once per batch for every path."""
+    """(batch, draws) labels from the model's own predictive distribution (when no hooks forward provides them)."""
     with torch.no_grad():
         probs = logits_of(call_image_model(model, x)).float().softmax(-1)
-    return torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator).to(x.device)
+    return _draw_from(probs, draws, generator)
+
+
+def _draw_from(probs: Tensor, draws: int, generator) -> Tensor:
+    """One multinomial draw per batch, whichever path computed `probs`: both paths then use the same labels."""
+    return torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator).to(probs.device)
 
 
 def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chunk, generator, progress, routes):
@@ -172,14 +177,12 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
             checked = True
         if mode == "empirical" and labels is None:
             raise ValueError("mode='empirical' needs labels in the batches ('labels').")
-        y = None
-        if mode == "empirical":
-            y = labels.to(device)[:, None]
+        y = labels.to(device)[:, None] if mode == "empirical" else None
+        if hook_sums:  # the hooks path handles the whole batch at once; sampled labels are drawn from its forward
+            y = _add_with_hooks(model, x, y, hook_sums, mode, draws, generator)
         elif mode == "sampled":
             y = _draw(model, x, draws, generator)
-        if hook_sums:  # the hooks path handles the whole batch at once
-            _add_with_hooks(model, x, y, hook_sums, mode)
-        if vmap_params:
+        if vmap_params:  # the same labels (draws) as the hooks path
             for start in range(0, len(x), chunk_size):
                 xc = x[start:start + chunk_size]
                 if mode == "exact":
@@ -202,10 +205,15 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
     return sums, count, frozen
 
 
-def _add_with_hooks(model, x, labels, sums, mode):
-    """One forward, then one batched backward per class (exact) or per label column (sampled draws, empirical)."""
+def _add_with_hooks(model, x, labels, sums, mode, draws=1, generator=None):
+    """One forward, then one batched backward per class (exact) or per label column (sampled draws, empirical).
+
+    Returns the labels used ((batch, draws); drawn here from this forward in sampled mode), for the vmap path.
+    """
     with per_sample.SquaredGradAccumulator(model, sums) as acc:
         logp = logits_of(call_image_model(model, x)).float().log_softmax(-1)
+        if mode == "sampled":
+            labels = _draw_from(logp.detach().exp(), draws, generator)
         if mode == "exact":
             probs = logp.detach().exp()
             targets = [(torch.full((len(x),), k, device=x.device), probs[:, k]) for k in range(logp.shape[1])]
@@ -220,6 +228,7 @@ def _add_with_hooks(model, x, labels, sums, mode):
             # Gradients with respect to the hooked layer outputs only: parameter gradients are never formed.
             torch.autograd.grad(logp.gather(1, y[:, None]).sum(), acc.targets, retain_graph=index < len(targets) - 1,
                                 allow_unused=True)
+    return labels
 
 
 def _add_exact(model, params, fixed, buffers, x, sums, class_chunk):

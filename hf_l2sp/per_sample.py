@@ -84,10 +84,6 @@ def owners(model: nn.Module, names: set[str]) -> dict[str, nn.Module] | None:
     return None if other else ruled
 
 
-def supports(model: nn.Module, names: set[str]) -> bool:
-    return owners(model, names) is not None
-
-
 GRAM_BUDGET = 1 << 25  # elements of one layer's A (and of one chunk of U x U) on the Gram route
 _SQUARING_COST = 40
 
