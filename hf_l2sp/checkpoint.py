@@ -39,9 +39,18 @@ def prepare_config_for_save(model: nn.Module) -> None:
     config.pretrained_cfg = _jsonable(cfg)
 
 
+EVAL_DATA_CONFIG = "hf_l2sp_eval_data_config"  # config.json key of a native transformers model's eval transform
+
+
 def set_eval_data_config(model: nn.Module, data_config: dict) -> None:
-    """Record the evaluation preprocessing (size, crop, mean/std) in the config that processors read."""
+    """Record the evaluation preprocessing (size, crop, mean/std) in the model's config.
+
+    TimmWrapper: in `pretrained_cfg`, which timm, `AutoImageProcessor` and the pipeline read. A native transformers
+    model: under `hf_l2sp_eval_data_config`, which `modeling.data_config_of` (so `hf-l2sp evaluate` and any later
+    run) reads back; its own image processor class may not express a timm transform exactly.
+    """
     if not is_timm_wrapper(model):
+        setattr(model.config, EVAL_DATA_CONFIG, _jsonable({k: data_config[k] for k in _DATA_KEYS if k in data_config}))
         return
     cfg = dict(getattr(model.config, "pretrained_cfg", None) or getattr(model.timm_model, "pretrained_cfg", {}) or {})
     cfg.update({k: data_config[k] for k in _DATA_KEYS if k in data_config})

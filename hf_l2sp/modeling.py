@@ -221,7 +221,12 @@ def data_config_of(model: nn.Module) -> dict:
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from transformers import AutoImageProcessor
 
+    from .checkpoint import EVAL_DATA_CONFIG
+
     config = model.config
+    saved = getattr(config, EVAL_DATA_CONFIG, None)
+    if saved:  # a checkpoint fine-tuned here: the exact evaluation transform it was trained with
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     try:
         processor = AutoImageProcessor.from_pretrained(config._name_or_path)
     except (OSError, ValueError):

@@ -51,3 +51,31 @@ def test_evaluate_refuses_a_dataset_with_other_labels(tmp_path, capsys):
     assert main(["evaluate", "--model_name_or_path", str(tmp_path / "out"), "--dataset_name",
                  str(tmp_path / "other")]) == 2
     assert "are not the model's" in capsys.readouterr().err
+
+
+def test_evaluate_reproduces_a_native_transformers_run_with_its_training_preprocessing(tmp_path, capsys):
+    """A native ResNet whose own processor says 64 px and other mean/std, trained at 32 px: the run folder records
+    the evaluation transform training used, and `hf-l2sp evaluate` uses it (not the processor's 64 px)."""
+    import torch
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    from hf_l2sp.modeling import data_config_of, load_source_classifier
+
+    from .helpers import write_parquet_repo
+
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              num_labels=5)).save_pretrained(tmp_path / "model")
+    ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=1.0, image_mean=[0.2, 0.3, 0.4],
+                           image_std=[0.5, 0.5, 0.5]).save_pretrained(tmp_path / "model")
+    write_parquet_repo(tmp_path / "data", splits={"train": 24, "test": 12})
+    flags = tiny_flags(tmp_path, max_steps=6, per_device_train_batch_size=3, learning_rate=0.05)
+    assert main(["train", *flags]) == 0
+    logged = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    config = data_config_of(load_source_classifier(str(tmp_path / "out"))[0])
+    assert config["input_size"] == (3, 32, 32) and config["mean"] == (0.2, 0.3, 0.4)
+    capsys.readouterr()
+    assert main(["evaluate", "--model_name_or_path", str(tmp_path / "out"), "--dataset_name", str(tmp_path / "data"),
+                 "--bootstrap", "0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["accuracy"] == logged["test_accuracy"]
