@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from torch import Tensor, nn
 
@@ -141,8 +142,9 @@ class SPParameters:
     head_names: list[str]
     head: list[Tensor]
 
-    @property
+    @cached_property
     def sharded(self) -> bool:
+        """Any FSDP2 shard among the parameters (fixed once resolved; read in every training step)."""
         return any(is_sharded(p) for p in self.anchored + self.head)
 
     def summary(self) -> dict[str, int]:
