@@ -29,9 +29,15 @@ class AnchorProbe(TrainerCallback):
                                                        for p in sets.anchored)})
 
 
-def test_model_init_builds_and_anchors_without_a_model(tmp_path):
-    trainer = SPTrainer(model_init=lambda: timm_classifier(seed=3), args=sp_config(tmp_path),
-                        train_dataset=tensor_dataset(8))
+def _native_resnet():
+    from .invariance_runs import build_model
+
+    return build_model("native_resnet")
+
+
+@pytest.mark.parametrize("make", [lambda: timm_classifier(seed=3), _native_resnet], ids=["timm", "native_resnet"])
+def test_model_init_builds_and_anchors_without_a_model(tmp_path, make):
+    trainer = SPTrainer(model_init=make, args=sp_config(tmp_path), train_dataset=tensor_dataset(8))
     start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     sets = trainer.sp_parameters()
