@@ -10,6 +10,7 @@ its two halves by digit (the near-transfer source and target of `hf-l2sp study`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,13 +46,19 @@ def resolve(name: str) -> str:
 
 
 def _atomic_folder(target: Path, build) -> Path:
-    """Build into a temp folder beside `target`, then rename: a crash never leaves a half-built cache entry."""
+    """Build into a temp folder beside `target`, then rename: a crash never leaves a half-built cache entry.
+
+    Building leaves the caller's random state untouched (torch, numpy, random): the first run on a fresh cache must
+    initialise its new head exactly as every later run does (converting Lite0 builds a randomly initialised timm
+    model, which used to advance the seeded generator between `set_seed` and the head's initialisation).
+    """
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        build(tmp)
+        with _random_state_kept():
+            build(tmp)
         (tmp / ".complete").write_text("ok\n")
         if target.exists():
             shutil.rmtree(target)
@@ -60,6 +67,22 @@ def _atomic_folder(target: Path, build) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def efficientnet_lite0_state_dict():

