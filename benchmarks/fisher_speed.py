@@ -48,7 +48,7 @@ def loop(model, x):
 
 
 def batched(model, x, chunk, method):
-    from hf_l2sp.fisher import estimate_fisher
+    from hf_l2sp.anchor.fisher import estimate_fisher
 
     batches = [{"pixel_values": x[i:i + 32]} for i in range(0, len(x), 32)]
     return estimate_fisher(model, batches, "exact", chunk_size=chunk, class_chunk=10, method=method).tensors

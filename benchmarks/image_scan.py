@@ -1,4 +1,4 @@
-"""Cost of checking every image before training (`hf_l2sp.data.check_images`), first run and cached rerun.
+"""Cost of checking every image before training (`hf_l2sp.loading.data.check_images`), first run and cached rerun.
 
     python benchmarks/image_scan.py                 # the digits and a 10,000-image folder (a few minutes)
     python benchmarks/image_scan.py --images 2000   # a smaller folder
@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 from datasets import Image, load_dataset  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from hf_l2sp import assets  # noqa: E402
-from hf_l2sp.data import ROW, check_images  # noqa: E402
+from hf_l2sp.loading import assets  # noqa: E402
+from hf_l2sp.loading.data import ROW, check_images  # noqa: E402
 
 
 def make_folder(root: Path, n: int) -> Path:

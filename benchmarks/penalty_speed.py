@@ -42,9 +42,9 @@ def table_a(repeats: int) -> None:
     import timm
 
     from hf_l2sp import Reference
-    from hf_l2sp.optimizer_side import OptimizerSidePenalty
-    from hf_l2sp.parameters import resolve_parameters
-    from hf_l2sp.regularizers import L2SP
+    from hf_l2sp.training.optimizer_side import OptimizerSidePenalty
+    from hf_l2sp.anchor.parameters import resolve_parameters
+    from hf_l2sp.penalties.l2_sp import L2SP
 
     model = timm.create_model("resnet50", pretrained=False)
     reference = Reference.snapshot(model, ["fc"])
@@ -135,7 +135,7 @@ def table_c() -> None:
     import timm
 
     from hf_l2sp import Reference
-    from hf_l2sp.parameters import find_head_modules
+    from hf_l2sp.loading.model_parts import find_head_modules
 
     model = timm.create_model("resnet50", pretrained=False)
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("fc."))

@@ -25,8 +25,9 @@ def main() -> None:
     import torch
 
     from hf_l2sp.study.protocol import default_settings, full_plan
-    from hf_l2sp.study.runner import Study, configure_process
-    from hf_l2sp.study.runs import execute
+    from hf_l2sp.study.runner import Study
+    from hf_l2sp.study.runs import to_trial
+    from hf_l2sp.tuning.engine import configure_process, run_trial
 
     configure_process(1, True)
     far = default_settings()[0]
@@ -43,7 +44,7 @@ def main() -> None:
         for flush in (False, True, False, True):
             torch.set_flush_denormal(flush)
             start = time.perf_counter()
-            execute(spec, tempfile.mkdtemp())
+            run_trial(to_trial(spec))
             times[flush].append(time.perf_counter() - start)
         off, on = statistics.fmean(times[False]), statistics.fmean(times[True])
         print(f"{label:34s} {off:10.1f} {on:10.1f} {off / on:7.2f}")

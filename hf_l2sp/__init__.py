@@ -5,16 +5,15 @@ Public API: `SPTrainer`, `SPConfig`, the regularizer registry (`REGULARIZERS`, `
 loaders (`load_backbone`, `load_image_dataset`, transforms, collator, metrics) and the Fisher-file helpers.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-from .config import SPConfig
-from .data import DataArguments, build_transforms, collate_images, load_image_dataset, with_transforms
-from .fisher import estimate_fisher
-from .fisher_io import FisherDiagonal, load_fisher, save_fisher
-from .metrics import compute_metrics
-from .modeling import BackboneReport, data_config_of, load_backbone
-from .reference import Reference
-from .regularizers import (
+# Layer by layer, in the order data flows (see the README's Development section).
+from .loading.data import DataArguments, load_image_dataset
+from .loading.metrics import compute_metrics
+from .loading.models import BackboneReport, data_config_of, load_backbone
+from .loading.transforms import build_transforms, collate_images, with_transforms
+from .anchor.fisher import estimate_fisher
+from .anchor.fisher_io import FisherDiagonal, load_fisher, save_fisher
+from .anchor.reference import Reference
+from .penalties import (
     REGULARIZERS,
     PenaltyTerms,
     Regularizer,
@@ -22,13 +21,11 @@ from .regularizers import (
     list_regularizers,
     register_regularizer,
 )
-from .trainer import SPTrainer
-from .tuning import compare, load_recipe, search
-
-try:
-    __version__ = version("hf_l2sp")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+local"
+from .training.config import SPConfig
+from .artefacts.trainer import SPTrainer
+from .pipeline.options import load_recipe
+from .tuning import compare, search
+from .utils.version import __version__
 
 __all__ = [
     "compare",

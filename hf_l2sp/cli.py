@@ -1,7 +1,8 @@
 """`hf-l2sp` command line: a thin dispatcher over `hf_l2sp.commands.*`.
 
-Errors a user can cause (bad recipe, unreachable dataset, mismatched weights...) are printed as one line and exit
-with status 2; set HF_L2SP_DEBUG=1 to see the traceback.
+Errors a user can cause (bad recipe or option, missing file, unreachable Hub, mismatched weights, unsupported
+accelerate set-up, a diverging penalty) are printed as one line and exit with status 2; set HF_L2SP_DEBUG=1 to see
+the traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ COMMANDS = {
     "version": ("hf_l2sp.commands.info", "Print the hf_l2sp version."),
 }
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, FloatingPointError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .artefacts.hub import PushError
+    from .training.topology import UnsupportedTopologyError
+    from .utils.hub import HubUnavailableError
+
+    return (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, HubUnavailableError, PushError,
+            UnsupportedTopologyError)
 
 
 def usage() -> str:
@@ -47,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                              "compare": "compare_main"}.get(name, "main"))
     try:
         return entry(rest) or 0
-    except USER_ERRORS as err:
+    except user_errors() as err:
         if os.environ.get("HF_L2SP_DEBUG"):
             raise
         print(f"hf-l2sp {name}: error: {err}", file=sys.stderr)

@@ -27,8 +27,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from hf_l2sp import Reference, SPConfig, SPTrainer
-from hf_l2sp.fisher_io import FisherDiagonal, save_fisher
-from hf_l2sp.parameters import base_prefix, checkpoint_key, find_head_modules
+from hf_l2sp.anchor.fisher_io import FisherDiagonal, save_fisher
+from hf_l2sp.loading.model_parts import base_prefix, checkpoint_key, find_head_modules
 
 MODELS = ("timm_convnext", "native_resnet", "native_convnext")
 REGULARIZERS = ("l2_sp", "l1_sp", "group_lasso_sp", "l2_sp_fisher", "l2_sp+delta")

@@ -5,7 +5,7 @@ import timm
 import torch
 from datasets import ClassLabel, load_dataset
 
-from hf_l2sp import assets
+from hf_l2sp.loading import assets
 
 
 @pytest.fixture(scope="module")

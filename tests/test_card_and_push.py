@@ -75,14 +75,37 @@ def test_card_holds_formula_coefficients_metrics_citation_and_no_secrets(tmp_pat
     assert card.data.base_model is None  # a local folder is never published as base_model
 
 
-def test_every_checkpoint_gets_card_and_drift(tmp_path):
-    model = timm_classifier()
+RUN_ARTEFACTS = {"README.md", "drift.json", "drift.png", "sp_config.json"}
+RESUME_FILES = {"model.safetensors", "sp_anchor.safetensors", "sp_checkpoint_complete.json"}
+
+
+def test_artefacts_are_written_by_the_final_save_and_checkpoints_keep_what_resuming_needs(tmp_path, monkeypatch):
+    import hf_l2sp.artefacts.trainer as saving
+
+    calls = []
+    real = saving.compute_drift
+    monkeypatch.setattr(saving, "compute_drift", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = sp_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, regularizer="l2")
-    SPTrainer(model=model, args=args, train_dataset=tensor_dataset(8)).train()
+    trainer = SPTrainer(model=timm_classifier(), args=args, train_dataset=tensor_dataset(8))
+    trainer.train()
+    for step in (1, 2):
+        files = set(os.listdir(tmp_path / "out" / f"checkpoint-{step}"))
+        assert RESUME_FILES <= files and not RUN_ARTEFACTS & files
+    assert calls == []  # no drift computed during training
+    trainer.save_model()
+    trainer.save_model()  # a second final save of the same step writes nothing new
+    assert RUN_ARTEFACTS <= set(os.listdir(tmp_path / "out"))
+    assert calls == [1]
+    assert "Omega(w) = alpha/2 * ||w_S||^2" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_checkpoint_artefacts_when_asked(tmp_path):
+    args = sp_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, regularizer="l2",
+                     sp_checkpoint_artefacts=True)
+    SPTrainer(model=timm_classifier(), args=args, train_dataset=tensor_dataset(8)).train()
     for step in (1, 2):
         folder = tmp_path / "out" / f"checkpoint-{step}"
-        assert {"README.md", "drift.json", "drift.png", "sp_config.json", "model.safetensors"} <= set(
-            os.listdir(folder))
+        assert RESUME_FILES | RUN_ARTEFACTS <= set(os.listdir(folder))
         assert "Omega(w) = alpha/2 * ||w_S||^2" in (folder / "README.md").read_text()
 
 

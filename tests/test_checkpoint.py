@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 from hf_l2sp.cli import main
-from hf_l2sp.drift import compute_drift
+from hf_l2sp.artefacts.drift import compute_drift
 
 from .helpers import pil_images, save_timm_folder, write_parquet_repo
 
@@ -119,7 +119,7 @@ def test_loading_weights_that_do_not_match_the_config_names_keys(trained, tmp_pa
     state = load_file(str(root / "out" / "model.safetensors"))
     del state["layer1.0.conv1.weight"]
     save_file(state, str(broken / "model.safetensors"))
-    from hf_l2sp.modeling import load_backbone
+    from hf_l2sp.loading.models import load_backbone
 
     with pytest.raises(ValueError, match="missing: layer1.0.conv1.weight"):
         load_backbone(str(broken), {0: "a", 1: "b"})

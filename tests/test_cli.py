@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_l2sp import SPTrainer
 from hf_l2sp.cli import main
 from hf_l2sp.commands import train
 
@@ -174,3 +173,26 @@ def test_accelerate_launch_two_processes(tmp_path):
     # so 2 steps are 1/3 of an epoch; a single process would need 11 batches (epoch 0.18).
     assert state["log_history"][-1]["epoch"] == pytest.approx(2 / 6, abs=1e-3)
     assert "test_accuracy" in json.loads((tmp_path / "out" / "all_results.json").read_text())
+
+
+@pytest.mark.parametrize("error, user", [
+    (TypeError("a bug"), False), (OSError("a bug"), False), (KeyError("a bug"), False),
+    (ValueError("bad option"), True), (FileNotFoundError("no such file"), True),
+])
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, error, user):
+    import hf_l2sp.commands.info as info
+    from hf_l2sp.utils.hub import HubUnavailableError
+
+    def boom(_argv):
+        raise error
+
+    monkeypatch.delenv("HF_L2SP_DEBUG", raising=False)
+    monkeypatch.setattr(info, "version", boom)
+    if user:
+        assert main(["version"]) == 2
+        assert capsys.readouterr().err.strip() == f"hf-l2sp version: error: {error}"
+    else:
+        with pytest.raises(type(error)):
+            main(["version"])
+    monkeypatch.setattr(info, "version", lambda _argv: (_ for _ in ()).throw(HubUnavailableError("offline")))
+    assert main(["version"]) == 2

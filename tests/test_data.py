@@ -7,7 +7,8 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
-from hf_l2sp.data import DataArguments, build_transforms, collate_images, load_image_dataset, with_transforms
+from hf_l2sp.loading.data import DataArguments, load_image_dataset
+from hf_l2sp.loading.transforms import build_transforms, collate_images, with_transforms
 
 from .helpers import pil_images, write_image_folder, write_parquet_repo
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from hf_l2sp import Reference, SPTrainer
 from hf_l2sp.cli import main
-from hf_l2sp.resume import COMPLETE_MARKER, last_complete_checkpoint
-from hf_l2sp.topology import UnsupportedTopologyError, check_supported
+from hf_l2sp.anchor.resume import COMPLETE_MARKER, last_complete_checkpoint
+from hf_l2sp.training.topology import UnsupportedTopologyError, check_supported
 
 from .helpers import free_port, save_timm_folder, sp_config, tensor_dataset, timm_classifier, write_parquet_repo
 
@@ -119,8 +119,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, {root!r})
 from hf_l2sp import Reference
-from hf_l2sp.parameters import resolve_parameters
-from hf_l2sp.regularizers import L2SP
+from hf_l2sp.anchor.parameters import resolve_parameters
+from hf_l2sp.penalties.l2_sp import L2SP
 
 def build():
     torch.manual_seed(0)
@@ -174,8 +174,8 @@ def test_fsdp2_shards_hold_their_part_of_the_anchor(tmp_path):
     gen = torch.Generator().manual_seed(1)
     for t in reference.tensors.values():
         t.add_(0.1 * torch.randn(t.shape, generator=gen))
-    from hf_l2sp.parameters import resolve_parameters
-    from hf_l2sp.regularizers import L2SP
+    from hf_l2sp.anchor.parameters import resolve_parameters
+    from hf_l2sp.penalties.l2_sp import L2SP
 
     terms = L2SP(0.7, 0.3)(resolve_parameters(model, reference.tensors, "all"))
     terms.penalty.backward()

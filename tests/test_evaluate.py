@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hf_l2sp.cli import main
-from hf_l2sp.metrics import bootstrap_interval, classification_metrics, load_metric, metric_module_path
+from hf_l2sp.loading.metrics import bootstrap_interval, classification_metrics, load_metric, metric_module_path
 
 from .test_cli import tiny_flags
 
@@ -59,7 +59,7 @@ def test_evaluate_reproduces_a_native_transformers_run_with_its_training_preproc
     import torch
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
-    from hf_l2sp.modeling import data_config_of, load_source_classifier
+    from hf_l2sp.loading.models import data_config_of, load_source_classifier
 
     from .helpers import write_parquet_repo
 

@@ -6,8 +6,8 @@ from safetensors import safe_open
 from torch import nn
 
 from hf_l2sp import SPConfig, SPTrainer
-from hf_l2sp.features.bss import bss_value
-from hf_l2sp.features.delta import attention_from_rise
+from hf_l2sp.penalties.bss import bss_value
+from hf_l2sp.penalties.delta import attention_from_rise
 
 from .helpers import sp_config, tensor_dataset, timm_classifier
 
@@ -171,7 +171,7 @@ def test_bss_features_are_the_heads_input(tmp_path):
 
 @pytest.mark.parametrize("spec, match", [
     ("l2_sp+l2", "at most one weight penalty"), ("delta+delta", "each feature penalty once"),
-    ("l2_sp+dlta", r"Unknown regularizer 'l2_sp\+dlta'. Valid choices: .*bss, delta"),
+    ("l2_sp+dlta", r"Unknown regularizer 'l2_sp\+dlta'. Valid choices: .*delta, bss"),
 ])
 def test_bad_compositions(tmp_path, spec, match):
     with pytest.raises(ValueError, match=match):
@@ -214,7 +214,7 @@ def test_resume_restores_the_runs_channel_attention(tmp_path):
 def test_delta_finds_the_stages_of_native_transformers_models(tmp_path, kind, stages):
     """No sp_delta_layers needed: transformers CNNs keep their stages in encoder.stages; the drift report uses the
     same stages."""
-    from hf_l2sp.drift import compute_drift
+    from hf_l2sp.artefacts.drift import compute_drift
 
     from .invariance_runs import build_model
 

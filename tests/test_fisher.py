@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hf_l2sp import FisherDiagonal, SPTrainer, load_fisher, save_fisher
-from hf_l2sp.fisher import estimate_fisher
+from hf_l2sp.anchor.fisher import estimate_fisher
 
 from .helpers import sp_config, tensor_dataset, timm_classifier
 
@@ -100,7 +100,7 @@ class TokenMixer(nn.Module):
 @pytest.mark.parametrize("model_fn", [lambda: tiny_source(classes=5), lambda: TokenMixer()], ids=["conv", "tokens"])
 def test_gram_route_equals_the_direct_route_and_the_loop(model_fn, monkeypatch):
     """Layers with few output positions expand the square (per_sample.py); both routes must give the loop's values."""
-    from hf_l2sp import per_sample
+    from hf_l2sp.anchor import per_sample
 
     torch.manual_seed(0)
     model = model_fn().eval()
@@ -228,7 +228,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(ROOT)!r})
 from tests.test_fisher import tiny_source, batches
 from hf_l2sp import save_fisher
-from hf_l2sp.fisher import estimate_fisher
+from hf_l2sp.anchor.fisher import estimate_fisher
 dist.init_process_group("gloo")
 fisher = estimate_fisher(tiny_source(), batches(n=12, batch=2), "exact", chunk_size=2)
 if dist.get_rank() == 0:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from hf_l2sp import per_sample
-from hf_l2sp.fisher import estimate_fisher
-from hf_l2sp.forward import call_image_model, logits_of
+from hf_l2sp.anchor import per_sample
+from hf_l2sp.anchor.fisher import estimate_fisher
+from hf_l2sp.loading.forward import call_image_model, logits_of
 
 ARCHITECTURES = ["test_resnet", "test_efficientnet", "test_efficientnet_gn", "test_efficientnet_evos", "test_nfnet",
                  "test_byobnet", "test_convnext", "native_resnet"]

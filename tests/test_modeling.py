@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_l2sp.modeling import data_config_of, load_backbone
+from hf_l2sp.loading.models import data_config_of, load_backbone
 
 from .helpers import save_timm_folder, timm_classifier, vit_classifier
 

@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hf_l2sp import Reference
-from hf_l2sp.parameters import canonical_name, find_head_modules, resolve_parameters
+from hf_l2sp.loading.model_parts import canonical_name, find_head_modules
+from hf_l2sp.anchor.parameters import resolve_parameters
 
 from .helpers import timm_classifier, vit_classifier
 
@@ -61,7 +62,7 @@ def test_reference_missing_path_and_offline_hub(tmp_path):
     model = timm_classifier()
     with pytest.raises(FileNotFoundError, match="neither a file, a folder nor a Hub repo id"):
         Reference.from_checkpoint(str(tmp_path / "nope" / "deeper"), model, ["timm_model.fc"])
-    with pytest.raises(OSError, match=r"Could not fetch sp_reference 'timm/resnet50.a1_in1k': HF_HUB_OFFLINE is set"):
+    with pytest.raises(OSError, match=r"Could not load sp_reference 'timm/resnet50.a1_in1k': .*HF_HUB_OFFLINE=1 is set"):
         Reference.from_checkpoint("timm/resnet50.a1_in1k", model, ["timm_model.fc"])
     with pytest.raises(FileNotFoundError, match=r"No weights file"):
         Reference.from_checkpoint(str(tmp_path), model, ["timm_model.fc"])

@@ -7,8 +7,14 @@ import torch
 from torch import nn
 
 from hf_l2sp import REGULARIZERS, FisherDiagonal, Reference, get_regularizer_class, list_regularizers
-from hf_l2sp.parameters import resolve_parameters
-from hf_l2sp.regularizers import GroupLassoSP, L1SP, L2, L2SP, L2SPFisher, NoRegularizer, register_regularizer
+from hf_l2sp.anchor.parameters import resolve_parameters
+from hf_l2sp.penalties import register_regularizer
+from hf_l2sp.penalties.group_lasso_sp import GroupLassoSP
+from hf_l2sp.penalties.l1_sp import L1SP
+from hf_l2sp.penalties.l2 import L2
+from hf_l2sp.penalties.l2_sp import L2SP
+from hf_l2sp.penalties.l2_sp_fisher import L2SPFisher
+from hf_l2sp.penalties.none import NoRegularizer
 
 ALPHA, BETA = 0.3, 0.7
 # w - w0 per tensor after the perturbation below; the head starts at these values (w0 of the head is irrelevant).

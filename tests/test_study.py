@@ -8,7 +8,7 @@ import pytest
 from hf_l2sp.study import FisherPlan, Schedule, Setting, SourcePretraining, Study, StudyPlan, write_report
 from hf_l2sp.study.protocol import GRIDS
 from hf_l2sp.tuning.selection import choose
-from hf_l2sp.trainer import SPTrainer
+from hf_l2sp import SPTrainer
 
 from .helpers import write_parquet_repo
 
@@ -114,7 +114,7 @@ def test_results_files_are_complete_and_parse(finished):
     assert sorted(r["key"] for r in records) == sorted(row["key"] for row in rows)
     import timm
 
-    from hf_l2sp.parameters import conv_or_linear_weight_names
+    from hf_l2sp.loading.model_parts import conv_or_linear_weight_names
 
     weights = conv_or_linear_weight_names(timm.create_model("test_resnet", num_classes=3))
     for r in records:

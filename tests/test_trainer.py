@@ -7,7 +7,7 @@ import torch
 from transformers import TimmWrapperForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_l2sp import Reference, SPConfig, SPTrainer
-from hf_l2sp.parameters import find_head_modules
+from hf_l2sp.loading.model_parts import find_head_modules
 
 from .helpers import sp_config, tensor_dataset, timm_classifier, trainable_state, vit_classifier
 

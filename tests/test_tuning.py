@@ -9,16 +9,16 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 from hf_l2sp import compare, search
 from hf_l2sp.cli import main
-from hf_l2sp.features import FEATURE_REGULARIZERS
-from hf_l2sp.regularizer_spec import search_space
-from hf_l2sp.regularizers import REGULARIZERS
+from hf_l2sp.penalties import FEATURE_REGULARIZERS
+from hf_l2sp.penalties.spec import search_space
+from hf_l2sp.penalties import REGULARIZERS
 from hf_l2sp.tuning import engine
 
 from .helpers import pil_images, save_timm_folder
 
 
 def test_every_regularizer_knows_its_search_space():
-    from hf_l2sp.config import SPConfig
+    from hf_l2sp.training.config import SPConfig
     from hf_l2sp.study.protocol import GRIDS
 
     fields = set(SPConfig.__dataclass_fields__)

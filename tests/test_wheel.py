@@ -40,9 +40,9 @@ def test_the_wheel_alone_trains_saves_loads_and_runs_the_demo(tmp_path):
     (wheel,) = wheels.glob("hf_l2sp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("hf_l2sp/recipes/offline_lite0_digits_l2sp.yaml", "hf_l2sp/recipes/offline_lite0_digits_l2.yaml",
-                    "hf_l2sp/templates/model_card.md", "hf_l2sp/accelerate_configs/fsdp2.yaml",
-                    "hf_l2sp/metric_modules/top_k_accuracy/top_k_accuracy.py",
-                    "hf_l2sp/metric_modules/per_class_accuracy/per_class_accuracy.py"):
+                    "hf_l2sp/artefacts/templates/model_card.md", "hf_l2sp/accelerate_configs/fsdp2.yaml",
+                    "hf_l2sp/loading/metric_modules/top_k_accuracy/top_k_accuracy.py",
+                    "hf_l2sp/loading/metric_modules/per_class_accuracy/per_class_accuracy.py"):
         assert shipped in names, shipped
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..tuning import load_recipe
-from ..tuning.engine import parse_options
-from . import train
+from ..pipeline.finetune import finetune
+from ..pipeline.options import load_recipe, parse_options
 
 RUNS = (("l2_sp", "offline_lite0_digits_l2sp"), ("l2", "offline_lite0_digits_l2"))  # packaged recipes
 
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                        "seed": options.seed, "disable_tqdm": True}
         if options.epochs is not None:
             run_options["num_train_epochs"] = options.epochs
-        results[regularizer] = train.run(*parse_options(run_options))
+        results[regularizer] = finetune(*parse_options(run_options))
     print(f"\nEfficientNet-Lite0 (ImageNet) -> digits, {options.samples_per_class} images per class, seed {options.seed}")
     print(f"{'regularizer':12s} {'test accuracy':>14s} {'val accuracy':>13s}  checkpoint")
     for regularizer, metrics in results.items():

@@ -3,7 +3,7 @@
     hf-l2sp evaluate --model_name_or_path runs/lite0_digits_l2sp --dataset_name hf_l2sp:digits --split test
 
 Uses the evaluation preprocessing saved with the checkpoint (the one training evaluated with) and the metric
-modules shipped with the package (`hf_l2sp/metric_modules`, loaded by path through `evaluate`): top-1, top-5,
+modules shipped with the package (`hf_l2sp/loading/metric_modules`, loaded by path through `evaluate`): top-1, top-5,
 mean per-class accuracy and the per-class table, with percentile-bootstrap confidence intervals. Prints a table,
 then the results as JSON on the last line; `--output FILE` also writes that JSON.
 """
@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import DataArguments, build_transforms, collate_images, load_evaluation_split, with_transforms
-from ..forward import call_image_model, logits_of
-from ..metrics import bootstrap_interval, classification_metrics
-from ..modeling import data_config_of, load_source_classifier
+from ..loading.data import DataArguments, load_evaluation_split
+from ..loading.transforms import build_transforms, collate_images, with_transforms
+from ..loading.forward import call_image_model, logits_of
+from ..loading.metrics import bootstrap_interval, classification_metrics
+from ..loading.models import data_config_of, load_source_classifier
 
 
 def parse_args(argv: list[str] | None):

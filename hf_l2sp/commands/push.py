@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..hub import push_folder
+from ..artefacts.hub import push_folder
 
 
 def main(argv: list[str] | None = None) -> int:

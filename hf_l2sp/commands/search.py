@@ -16,10 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
-from ..argparsing import options_from_argv
+from ..pipeline.options import options_from_argv
 from ..tuning import compare, search
 from ..tuning.engine import RunsFailed
-from .train import ARGUMENT_TYPES
+from ..pipeline.options import ARGUMENT_TYPES
 
 
 def _floats(text: str) -> list[float]:
@@ -55,7 +55,7 @@ def _run(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, dict]:
     extra(parser)
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
-        print(f"\nand every `hf-l2sp train` option (see `hf-l2sp train --help`).")
+        print("\nand every `hf-l2sp train` option (see `hf-l2sp train --help`).")
         raise SystemExit(0)
     known, rest = parser.parse_known_args(argv)
     if any(a == "--accelerate_config" or a.startswith("--accelerate_config=") for a in rest):

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..regularizer_spec import search_space
+from ..penalties import all_names
+from ..penalties.spec import grid_parameter, search_space
 
-REGULARIZERS = ("none", "l2", "l2_sp", "l1_sp", "group_lasso_sp", "l2_sp_fisher", "delta", "bss")
-PAPER_BETA = 0.01  # the paper's L2 on the new head for the SP penalties (and DELTA's head term)
 
 
 @dataclass(frozen=True)
@@ -76,23 +75,11 @@ class Schedule:
         return self.steps_per_size[min(known, key=lambda k: abs(k - size))]
 
 
-def grid_point(regularizer: str, value: float | None) -> dict[str, float]:
-    """SPConfig fields for one grid value of `regularizer` (None: the regularizer has no free coefficient)."""
-    if regularizer == "none":
-        return {"sp_alpha": 0.0, "sp_beta": 0.0}
-    if regularizer == "l2":  # plain weight decay: one coefficient on every weight, head included
-        return {"sp_alpha": value, "sp_beta": value}
-    if regularizer == "delta":
-        return {"sp_delta_alpha": value, "sp_beta": PAPER_BETA}
-    if regularizer == "bss":
-        return {"sp_bss_eta": value}
-    return {"sp_alpha": value, "sp_beta": PAPER_BETA}
-
-
-# The grid of each regularizer comes from the registry (its `search_grid`); `none` runs once, with nothing to search.
+# Which regularizers the study runs, their grids and what each grid varies all come from the registry: a newly
+# registered penalty joins the study with its own search space.
+REGULARIZERS: tuple[str, ...] = tuple(all_names())
 GRIDS: dict[str, tuple[float, ...]] = {name: search_space(name).grid or (0.0,) for name in REGULARIZERS}
-GRID_PARAMETER = {"none": "-", "l2": "alpha=beta", "l2_sp": "alpha", "l1_sp": "alpha", "group_lasso_sp": "alpha",
-                  "l2_sp_fisher": "alpha", "delta": "delta_alpha", "bss": "bss_eta"}
+GRID_PARAMETER: dict[str, str] = {name: grid_parameter(name) for name in REGULARIZERS}
 
 
 def default_value(regularizer: str) -> float:

@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .protocol import GRIDS, Setting, StudyPlan, default_value, grid_point
+from ..penalties.spec import grid_point
+from .protocol import GRIDS, Setting, StudyPlan, default_value
 from ..tuning.engine import configure_process, run_trials
 from .runs import RunSpec, to_trial
 from ..tuning.selection import choose

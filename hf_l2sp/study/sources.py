@@ -1,7 +1,7 @@
 """What a setting needs before its runs: the source network (pretrained here for near transfer) and its Fisher file.
 
-Both go through the commands' Python entry points (`commands.train.run` for pretraining, `commands.fisher.run` for
-the Fisher), and both are skipped when their output is already complete, so an interrupted study resumes where it
+Both go through the library's run pipeline (`pipeline.finetune` for pretraining, `pipeline.fisher` for the
+Fisher), and both are skipped when their output is already complete, so an interrupted study resumes where it
 stopped.
 """
 
@@ -35,9 +35,9 @@ def pretrain_source(setting: Setting, output: Path) -> Path:
     import torch
     from timm.models import save_for_hf
 
-    from ..commands.train import run
-    from ..data import DataArguments, load_image_dataset
-    from ..tuning.engine import parse_options
+    from ..loading.data import DataArguments, load_image_dataset
+    from ..pipeline.finetune import finetune
+    from ..pipeline.options import parse_options
 
     spec = setting.pretrain
     shutil.rmtree(output, ignore_errors=True)
@@ -60,7 +60,7 @@ def pretrain_source(setting: Setting, output: Path) -> Path:
                "per_device_eval_batch_size": 256, "weight_decay": 0.0, "sp_alpha": 0.0, "sp_beta": 0.0,
                "eval_strategy": "no", "save_strategy": "no", "logging_steps": 50, "report_to": "none",
                "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0}
-    metrics = run(*parse_options(options))
+    metrics = finetune(*parse_options(options))
     (output / "source_metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(init, ignore_errors=True)
     (output / DONE).write_text("ok\n")
@@ -71,16 +71,16 @@ def estimate_source_fisher(setting: Setting, output: Path) -> Path:
     """The source model's Fisher diagonal (normalised to mean 1) on the setting's Fisher images (train split)."""
     if output.is_file():
         return output
-    from ..commands.fisher import FisherArguments, run
-    from ..data import DataArguments
+    from ..loading.data import DataArguments
+    from ..pipeline.fisher import FisherArguments, estimate_fisher_file
 
     plan = setting.fisher
     logger.info("Estimating the %s Fisher of %s on %s", plan.mode, setting.model, plan.dataset)
-    tmp = output.with_name(output.stem + ".partial.safetensors")
-    run(FisherArguments(model=setting.model, output=str(tmp), mode=plan.mode, num_samples=plan.num_samples,
-                        draws=plan.draws, normalize="mean", device="cpu"),
-        DataArguments(dataset_name=plan.dataset, train_split="train", image_size=setting.image_size))
-    tmp.replace(output)
+    # save_fisher writes atomically: a killed study never leaves a partial file under the final name
+    estimate_fisher_file(FisherArguments(model=setting.model, output=str(output), mode=plan.mode,
+                                         num_samples=plan.num_samples, draws=plan.draws, normalize="mean",
+                                         device="cpu"),
+                         DataArguments(dataset_name=plan.dataset, train_split="train", image_size=setting.image_size))
     return output
 
 

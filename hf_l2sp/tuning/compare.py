@@ -66,7 +66,7 @@ def compare(options: dict[str, Any], output_dir: str | Path, regularizers: list[
 
 
 def summarise(records: list[dict], regularizers: list[str], chosen: dict) -> dict:
-    from ..study.report import paired
+    from .analysis import paired
 
     by_reg = {reg: {r["seed"]: r for r in records if r["regularizer"] == reg} for reg in regularizers}
     base = by_reg[regularizers[0]]
@@ -121,7 +121,7 @@ def _plots(records: list[dict], output_dir: Path, regularizers: list[str]) -> li
         import matplotlib  # noqa: F401
     except ImportError:
         return []
-    from ..study.report import plot_accuracy, plot_drift
+    from .analysis import plot_accuracy, plot_drift
 
     sized = [{**r, "size": r["size"] or r["train_images"]} for r in records]
     if len({r["size"] for r in sized}) > 1:

@@ -25,6 +25,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ..pipeline.options import parse_options
+from ..utils.files import write_text_atomically
+
 logger = logging.getLogger("hf_l2sp.tuning")
 
 #: Options a trial always sets itself: where it writes, what it logs, and that it neither saves nor pushes.
@@ -61,29 +64,14 @@ def record_path(results_dir: str | os.PathLike, trial: Trial) -> Path:
     return Path(results_dir) / "runs" / f"{trial.key}.json"
 
 
-def parse_options(options: dict[str, Any]):
-    """(ModelArguments, DataArguments, SPConfig) from a recipe-like mapping, typed as `hf-l2sp train` types them."""
-    from ..argparsing import make_parser, unknown_options
-    from ..commands.train import ARGUMENT_TYPES
-
-    unknown = unknown_options(options, ARGUMENT_TYPES)
-    if unknown:
-        raise ValueError(f"Unknown option(s) {', '.join(unknown)}; see `hf-l2sp train --help` for the valid ones.")
-    parser = make_parser(ARGUMENT_TYPES, "hf_l2sp", "")
-    parser.set_defaults(**options)
-    return parser.parse_args_into_dataclasses(args=[])[: len(ARGUMENT_TYPES)]
-
-
 def run_trial(trial: Trial) -> dict:
     """Train and evaluate one trial; returns its record (validation metrics, test metrics if asked, drift)."""
     import torch
-    from transformers import PrinterCallback, set_seed
+    from transformers import PrinterCallback
 
-    from ..data import NO_SPLIT, build_transforms, collate_images, load_image_dataset, with_transforms
-    from ..drift import compute_drift
-    from ..metrics import compute_metrics
-    from ..modeling import data_config_of, load_backbone
-    from ..trainer import SPTrainer
+    from ..artefacts.drift import compute_drift
+    from ..loading.data import NO_SPLIT
+    from ..pipeline.finetune import prepare_run
 
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="hf_l2sp_trial_"))
@@ -93,18 +81,13 @@ def run_trial(trial: Trial) -> dict:
         if not trial.evaluate_test:
             options["test_split"] = NO_SPLIT  # selection never loads the test split
         model_args, data_args, args = parse_options(options)
-        data = load_image_dataset(data_args, seed=trial.data_seed)
-        set_seed(trial.seed)  # the new head's initialisation: the same for every trial with this seed
-        model, _ = load_backbone(model_args.model_name_or_path, data.id2label, model_args.model_revision,
-                                 model_args.cache_dir)
-        transforms = build_transforms(data_config_of(model), data_args.augmentation, data_args.image_size)
-        splits = with_transforms(data, transforms.train, transforms.eval)
+        run = prepare_run(model_args, data_args, seed=trial.seed, data_seed=trial.data_seed)
+        data, splits = run.data, run.splits
         if args.dataloader_drop_last and len(splits["train"]) < args.per_device_train_batch_size:
             raise ValueError(f"{trial.key}: {len(splits['train'])} training images, fewer than one batch of "
                              f"{args.per_device_train_batch_size}; lower the batch size or raise the size per class.")
-        head = _head_fingerprint(model)
-        trainer = SPTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                            data_collator=collate_images, compute_metrics=compute_metrics)
+        head = _head_fingerprint(run.model)
+        trainer = run.trainer(args)
         trainer.remove_callback(PrinterCallback)  # the engine prints one line per run
         trainer.train()
         train_seconds = time.perf_counter() - start
@@ -136,7 +119,7 @@ def run_trial(trial: Trial) -> dict:
 
 def _head_fingerprint(model) -> str:
     """A hash of the new head's initial weights: paired runs (same seed) must start from the same head."""
-    from ..parameters import find_head_modules, head_parameter_names
+    from ..loading.model_parts import find_head_modules, head_parameter_names
 
     names = head_parameter_names(model, find_head_modules(model))
     digest = hashlib.sha1()
@@ -147,16 +130,14 @@ def _head_fingerprint(model) -> str:
 
 
 def _rows_fingerprint(ds) -> str:
-    from ..data import ROW
+    from ..loading.data import ROW
 
     return hashlib.sha1(json.dumps(sorted(ds[ROW])).encode()).hexdigest()[:12]
 
 
 def write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)  # a killed run leaves no record
+    write_text_atomically(path, json.dumps(record, indent=1))  # a killed run leaves no record
 
 
 def read_record(path: Path) -> dict | None:

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from ..regularizer_spec import SearchSpace, search_space
-from .engine import RUN_CONTROL, Trial, parse_options, run_trials
+from ..penalties.spec import SearchSpace, search_space
+from ..pipeline.options import parse_options
+from .engine import RUN_CONTROL, Trial, run_trials
 from .selection import choose
 
 logger = logging.getLogger("hf_l2sp.tuning")
@@ -104,10 +105,11 @@ def _tpe(options, output_dir, space: SearchSpace, grid, lrs, n_trials, seeds, ba
         raise ImportError("n_trials (TPE) needs optuna: pip install 'hf_l2sp[search]'.") from err
     from transformers import set_seed
 
-    from ..data import NO_SPLIT, build_transforms, collate_images, load_image_dataset, with_transforms
-    from ..metrics import compute_metrics
-    from ..modeling import data_config_of, load_backbone
-    from ..trainer import SPTrainer
+    from ..artefacts.trainer import SPTrainer
+    from ..loading.data import NO_SPLIT, load_image_dataset
+    from ..loading.metrics import compute_metrics
+    from ..loading.models import data_config_of, load_backbone
+    from ..loading.transforms import build_transforms, collate_images, with_transforms
 
     if seeds != 1:
         raise ValueError("n_trials (TPE) runs one seed per trial (Trainer.hyperparameter_search); use a grid "

@@ -1,0 +1,121 @@
+"""Which parameters the penalty sees: names under wrappers, the new head, the `sp_include` filter, S vs S-bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from torch import Tensor, nn
+
+from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, conv_or_linear_weight_names, unwrap_model
+
+INCLUDE_CHOICES = ("weights", "all")
+
+
+@dataclass
+class SPParameters:
+    """The parameter sets of one model, resolved against a reference.
+
+    anchored: trainable tensors of S that the penalty sees, with their fp32 anchors w0 (same order);
+    head: trainable tensors of S-bar (new or reshaped) that the penalty sees. Names are canonical; `anchored_keys`
+    are the checkpoint keys (see `checkpoint_key`) used to match Fisher files.
+    """
+
+    anchored_names: list[str]
+    anchored_keys: list[str]
+    anchored: list[Tensor]
+    anchors: list[Tensor]
+    head_names: list[str]
+    head: list[Tensor]
+
+    @cached_property
+    def sharded(self) -> bool:
+        """Any FSDP2 shard among the parameters (fixed once resolved; read in every training step)."""
+        return any(is_sharded(p) for p in self.anchored + self.head)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "anchored_tensors": len(self.anchored),
+            "anchored_parameters": sum(p.numel() for p in self.anchored),
+            "head_tensors": len(self.head),
+            "head_parameters": sum(p.numel() for p in self.head),
+        }
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """True for a DTensor (FSDP2 parameter shard)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def fsdp_unsharded_now(model: nn.Module) -> bool:
+    """True while an FSDP2 unit of `model` holds its gathered (plain) parameters, between its forward and backward.
+
+    Its registered parameters are then temporary full tensors, not the shards the optimizer steps.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) and not all(
+        is_sharded(p) for p in model.parameters())
+
+
+def local_view(tensor: Tensor) -> Tensor:
+    """The rank's own shard of a DTensor (differentiable), or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def local_anchor(anchor: Tensor, param: Tensor) -> Tensor:
+    """The part of an anchor that lines up with the local shard of `param` (FSDP2: uneven dim-0 shards too).
+
+    An anchor already sharded like its parameter (`Reference.shard_like`) is just its local tensor; a full anchor
+    is sliced locally (`src_data_rank=None`: every process holds the same full tensor, nothing is sent).
+    """
+    if is_sharded(anchor):
+        return anchor.to_local()
+    if not is_sharded(param):
+        return anchor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(anchor, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: str) -> SPParameters:
+    """Split the trainable parameters of `model` (any wrapper) into S (in `reference`, same shape) and S-bar.
+
+    `reference` maps canonical names to anchors. `include='weights'` keeps only conv/linear weights in both sets
+    (BatchNorm affine parameters and biases are free, as in the paper's code); `'all'` keeps every trainable tensor.
+    Frozen tensors are never penalised. Under FSDP2 the parameters are DTensor shards: each anchor is cut to the
+    local shard, the penalty is computed on local tensors (its gradient reaches each shard exactly) and the logged
+    values are partial sums that the trainer all-reduces.
+    """
+    if include not in INCLUDE_CHOICES:
+        raise ValueError(f"sp_include must be one of {INCLUDE_CHOICES}, got {include!r}.")
+    inner = unwrap_model(model)
+    prefix = base_prefix(inner)
+    allowed = conv_or_linear_weight_names(inner) if include == "weights" else None
+    sets = SPParameters([], [], [], [], [], [])
+    for name, param in model.named_parameters():
+        cname = canonical_name(name)
+        if not param.requires_grad or (allowed is not None and cname not in allowed):
+            continue
+        anchor = reference.get(cname)
+        if anchor is not None and tuple(anchor.shape) == tuple(param.shape):
+            sets.anchored_names.append(cname)
+            sets.anchored_keys.append(checkpoint_key(cname, prefix))
+            sets.anchored.append(param)
+            anchor = local_anchor(anchor, param)  # under FSDP2 each rank keeps only its shard of w0
+            device = local_view(param).device
+            sets.anchors.append(anchor if anchor.device == device else anchor.to(device))
+        else:
+            sets.head_names.append(cname)
+            sets.head.append(param)
+    return sets
+
+
+def full_values(model: nn.Module) -> dict[str, Tensor]:
+    """Canonical name -> full parameter value; FSDP2 shards are gathered (a collective: every process calls it)."""
+    return {canonical_name(name): p.full_tensor() if is_sharded(p) else p
+            for name, p in unwrap_model(model).named_parameters()}

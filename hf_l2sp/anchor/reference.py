@@ -1,0 +1,134 @@
+"""The anchor w0: a snapshot of the pretrained tensors, kept in fp32 outside the model's state dict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..loading.weights import read_state_dict
+from ..utils.text import first_few
+from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
+from .parameters import is_sharded, local_view
+
+
+@dataclass
+class Reference:
+    """Anchors w0 by canonical parameter name (fp32), and where they came from (for logs and model cards)."""
+
+    tensors: dict[str, Tensor]
+    source: str
+    head_names: list[str] = field(default_factory=list)
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def snapshot(cls, model: nn.Module, head_modules: list[str], device: torch.device | str | None = None,
+                 source: str | None = None) -> Reference:
+        """Copy every parameter of `model` except the head (fp32, detached, on `device`)."""
+        heads = head_parameter_names(model, head_modules)
+        tensors = {}
+        with torch.no_grad():
+            for name, param in unwrap_model(model).named_parameters():
+                cname = canonical_name(name)
+                if cname not in heads:
+                    tensors[cname] = param.detach().to(device=device or param.device, dtype=torch.float32,
+                                                       copy=True)
+        name = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or type(model).__name__
+        return cls(tensors, source or f"snapshot of {name} when SPTrainer was built", sorted(heads))
+
+    @classmethod
+    def from_checkpoint(cls, path_or_repo: str, model: nn.Module, head_modules: list[str],
+                        device: torch.device | str | None = None, revision: str | None = None) -> Reference:
+        """Load anchors from a checkpoint folder, weights file or Hub repo and check them against `model`.
+
+        Keys may carry the model's base prefix or not (timm files vs transformers files). Every trainable
+        non-head parameter must be present with the same shape; every parameter-like key of the file must exist
+        in the model; head tensors of another shape become new parameters (S-bar).
+        """
+        state = read_state_dict(path_or_repo, revision, what="sp_reference")
+        inner = unwrap_model(model)
+        prefix = base_prefix(inner)
+        heads = head_parameter_names(model, head_modules)
+        params = {checkpoint_key(n, prefix): (canonical_name(n), p) for n, p in inner.named_parameters()}
+        buffers = {checkpoint_key(n, prefix) for n, _ in inner.named_buffers()}
+
+        unexpected, wrong_shape, tensors, seen = [], [], {}, set()
+        for key, value in state.items():
+            key = checkpoint_key(key, prefix)
+            seen.add(key)
+            if key in buffers:
+                continue
+            if key not in params:
+                unexpected.append(key)
+                continue
+            cname, param = params[key]
+            if tuple(value.shape) != tuple(param.shape):
+                if cname not in heads:
+                    wrong_shape.append(f"{key}: reference {tuple(value.shape)} vs model {tuple(param.shape)}")
+                continue
+            tensors[cname] = value.detach().to(device=device or "cpu", dtype=torch.float32)
+        missing = [k for k, (c, p) in params.items() if p.requires_grad and c not in heads and k not in seen]
+        problems = []
+        if unexpected:
+            problems.append(f"keys not in the model: {first_few(unexpected)}")
+        if missing:
+            problems.append(f"model parameters missing from the reference: {first_few(missing)}")
+        if wrong_shape:
+            problems.append(f"shape mismatches outside the head: {first_few(wrong_shape)}")
+        if problems:
+            raise ValueError(
+                f"sp_reference {path_or_repo!r} does not match {type(inner).__name__}: " + "; ".join(problems)
+                + ". Point sp_reference at the checkpoint this model was initialised from."
+            )
+        source = path_or_repo + (f"@{revision}" if revision else "")
+        return cls(tensors, source, sorted(c for c, _ in params.values() if c not in tensors))
+
+    def fingerprint(self) -> str:
+        """SHA-256 over names, shapes and bytes of the anchors (to verify an anchor restored later)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
+        digest = hashlib.sha256()
+        tensors = self.full_tensors()
+        for name in sorted(tensors):
+            tensor = tensors[name].detach().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(json.dumps(list(tensor.shape)).encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+    def shard_like(self, model: nn.Module) -> None:
+        """FSDP2: replace each anchor whose parameter is a DTensor shard by a DTensor sharded the same way.
+
+        Each process then holds only its own shard of w0 (sliced locally, no communication) and the full copy is
+        freed. The fingerprint is taken first, from the full tensors, so a resumed run can still verify it.
+        """
+        targets = {}
+        for name, param in unwrap_model(model).named_parameters():
+            anchor = self.tensors.get(canonical_name(name))
+            if anchor is not None and is_sharded(param) and not is_sharded(anchor) and anchor.shape == param.shape:
+                targets[canonical_name(name)] = param
+        if not targets:
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        self.fingerprint()
+        for name, param in targets.items():
+            local = self.tensors[name].to(local_view(param).device)
+            self.tensors[name] = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
+
+    def full_tensors(self) -> dict[str, Tensor]:
+        """Name -> full anchor. With FSDP2 shards this gathers them: every process must call it (a collective)."""
+        return {name: t.full_tensor() if is_sharded(t) else t for name, t in self.tensors.items()}
+
+    def local_bytes(self) -> int:
+        """Bytes of w0 this process holds (its shards only, under FSDP2)."""
+        return sum(local_view(t).numel() * local_view(t).element_size() for t in self.tensors.values())
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())

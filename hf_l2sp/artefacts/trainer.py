@@ -1,0 +1,142 @@
+"""`SPTrainer`: the penalty trainer, plus what a finished run leaves behind.
+
+Every save (checkpoints included) writes weights that timm and transformers both load. The final save
+(`save_model()` called by the user or `hf-l2sp train`) and `push_to_hub` also write, once, the run's artefacts:
+`drift.json` / `drift.png`, the Fisher file the run used, the feature penalties' state, `sp_config.json` and the
+model card. Checkpoints keep only what resuming needs (see `PenaltyTrainer._save_checkpoint`), unless
+`sp_checkpoint_artefacts` asks for the artefacts there too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..anchor.fisher_io import FISHER_FILENAME, save_fisher
+from ..anchor.parameters import full_values
+from ..loading.model_parts import unwrap_model
+from ..loading.models import is_timm_wrapper
+from ..training.trainer import PenaltyTrainer
+from ..utils.files import write_text_atomically
+from ..utils.version import __version__
+from .card import card_facts, non_default_hyperparameters, render_model_card
+from .drift import DRIFT_JSON, compute_drift, save_drift
+from .formats import finalize_timm_folder, prepare_config_for_save
+
+SP_CONFIG_FILE = "sp_config.json"
+
+
+class SPTrainer(PenaltyTrainer):
+    """A drop-in `Trainer` whose training loss is `task loss + Omega(w)` (Li et al., ICML 2018).
+
+    Use it exactly like `Trainer`, with an `SPConfig` instead of `TrainingArguments`. At construction it snapshots
+    the pretrained tensors w0 (fp32, on the training device, outside the model) or loads them from
+    `args.sp_reference`. In every training forward it adds the regularizer's Omega, once per optimizer step whatever
+    the gradient accumulation and model class; evaluation losses never include it. It logs `sp/penalty` (Omega),
+    `sp/head_penalty` (its beta part) and `sp/distance` (||w_S - w0_S||_2), averaged over each logging window.
+    `save_model()` leaves a folder that timm, transformers and the pipeline load, with drift files and a model card.
+
+    Args:
+        regularizer: a ready `Regularizer` to use instead of the one named by `args.regularizer`.
+        reference: a ready `Reference` (anchors) instead of a snapshot / `args.sp_reference`.
+        backbone_report: what `load_backbone` reported (the source model's revision goes on the model card).
+        data_description: `ImageData.description` (dataset, splits, sizes), for the model card.
+        Every other argument is `Trainer`'s.
+    """
+
+    def __init__(self, model=None, args=None, *trainer_args, backbone_report=None, data_description=None,
+                 **trainer_kwargs):
+        self.backbone_report = backbone_report
+        self.data_description = data_description
+        self.sp_metrics: dict[str, float] = {}  # latest evaluation results, for the model card
+        self._artefacts_written: tuple[str, int] | None = None  # (folder, global step) of the last write
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        self.sp_metrics.update(metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        model = unwrap_model(self.model)
+        prepare_config_for_save(model)
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and is_timm_wrapper(model):
+            finalize_timm_folder(output_dir if output_dir is not None else self.args.output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        result = super().save_model(output_dir, _internal_call)
+        if not _internal_call:  # the final save (Trainer's own checkpoint and push saves are internal calls)
+            self.write_artefacts(output_dir)
+        return result
+
+    def _save_checkpoint(self, model, trial):
+        result = super()._save_checkpoint(model, trial)
+        if self.args.sp_checkpoint_artefacts:
+            self.write_artefacts(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
+        return result
+
+    def push_to_hub(self, *args, **kwargs):
+        self.write_artefacts(self.args.output_dir)  # nothing to do when save_model() just wrote them
+        return super().push_to_hub(*args, **kwargs)
+
+    def write_artefacts(self, output_dir: str | None = None) -> None:
+        """Drift, Fisher file, feature-penalty state, `sp_config.json` and the model card, into `output_dir`.
+
+        Every process calls it: under FSDP2 the anchor and the weights are assembled from the shards (a collective);
+        the main process writes. Written once per folder and optimizer step.
+        """
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        key = (str(folder.resolve()), self.state.global_step)
+        if self._artefacts_written == key:
+            return
+        anchors = self.sp_reference.full_tensors()
+        values = full_values(self.model) if self.sp_parameters().sharded else None
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            drift = compute_drift(self.model, anchors, set(self.sp_parameters().anchored_names), values=values)
+            save_drift(drift, folder, title=f"{folder.name}: {self.regularizer.name}")  # sets drift["plot"] if drawn
+            if getattr(self.regularizer, "fisher", None) is not None:
+                save_fisher(self.regularizer.fisher, folder / FISHER_FILENAME)
+            self.save_feature_state(folder)
+            write_text_atomically(folder / SP_CONFIG_FILE, json.dumps(self._sp_provenance(), indent=2))
+            self._render_card(drift).save(folder / "README.md")
+        self._artefacts_written = key
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Trainer.push_to_hub calls this: write our card (formula, alpha, beta, drift, results) as README.md."""
+        if not self.is_world_process_zero():
+            return
+        folder = Path(self.args.output_dir)
+        drift_file = folder / DRIFT_JSON
+        drift = json.loads(drift_file.read_text()) if drift_file.is_file() else None
+        self._render_card(drift).save(folder / "README.md")
+
+    def _sp_provenance(self) -> dict:
+        return {
+            "hf_l2sp_version": __version__,
+            "regularizer": self.regularizer.config_dict(),
+            "sp_include": self.args.sp_include,
+            "anchor": {"source": self._anchor_description(), "fingerprint": self.sp_reference.fingerprint(),
+                       "tensors": len(self.sp_reference.tensors),
+                       "parameters": self.sp_reference.num_parameters()},
+        }
+
+    def _render_card(self, drift: dict | None):
+        model = unwrap_model(self.model)
+        report = self.backbone_report
+        name = Path(self.args.output_dir).name
+        return render_model_card(card_facts(
+            model_name=name, repo_id=self.args.hub_model_id or name, regularizer=self.regularizer,
+            sp_summary=self.sp_parameters().summary(), include=self.args.sp_include,
+            anchor_source=self._anchor_description(),
+            base_model=getattr(model.config, "_name_or_path", None) or None,
+            base_revision=report.revision if report is not None else None, is_timm=is_timm_wrapper(model),
+            data=self.data_description, metrics=self.sp_metrics, drift=drift,
+            hyperparameters=non_default_hyperparameters(self.args),
+            fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
+            label=self.regularizer_spec.label,
+        ))
+
+
+__all__ = ["SPTrainer"]

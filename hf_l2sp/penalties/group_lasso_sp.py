@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .weight import Regularizer
+from .registry import register_regularizer
+
+
+@register_regularizer("group_lasso_sp")
+class GroupLassoSP(Regularizer):
+    """Group-Lasso-SP: one group per output channel, pulled toward w0 as a block.
+
+    Omega(w) = alpha sum_g sqrt(p_g) ||w_g - w0_g||_2 + beta/2 ||w_new||^2
+
+    A group g is one slice of a tensor along dim 0 (the fan-in of one filter: in x kh x kw elements for a conv
+    weight, in_features for a linear weight, a single element for a 1-D tensor), p_g its element count.
+    The norm's gradient at w_g = w0_g is taken as 0 (the subgradient PyTorch uses).
+    """
+
+    title = "Group-Lasso-SP (Li, Grandvalet & Davoine, ICML 2018)"
+    listing_order = 40
+    formula = "Omega(w) = alpha * sum_g sqrt(p_g) * ||w_g - w0_g||_2 + beta/2 * ||w_new||^2, g = output channels"
+    search_grid = (1e-3, 1e-2, 1e-1)
+
+    def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        total = torch.zeros((), dtype=torch.float32, device=anchors[0].device if anchors else None)
+        sq_distance = total.clone()
+        for p, a in zip(params, anchors):
+            diff = (p.float() - a).reshape(p.shape[0] if p.ndim else 1, -1)
+            group_norms = torch.linalg.vector_norm(diff, dim=1)
+            total = total + math.sqrt(diff.shape[1]) * group_norms.sum()
+            sq_distance = sq_distance + group_norms.detach().square().sum()
+        return self.alpha * total, sq_distance

@@ -1,0 +1,92 @@
+"""What every weight penalty shares: alpha and beta, the head term, and the output it hands the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+from ..anchor.parameters import local_view
+from .base import Penalty, check_coefficient
+from .kernels import half_squared_distance
+
+if TYPE_CHECKING:
+    from ..anchor.parameters import SPParameters
+
+
+@dataclass
+class QuadraticForm:
+    """Omega restricted to a quadratic: coef/2 * sum c (w - a)^2 on anchored tensors (a = w0, or 0 for plain L2;
+    c = per-element weights or 1) plus beta/2 ||w_new||^2. Its gradient is closed-form: coef * c * (w - a)."""
+
+    coef: float
+    use_anchors: bool
+    weights: list[Tensor] | None
+    head_coef: float
+
+
+@dataclass
+class PenaltyTerms:
+    """One evaluation of a regularizer.
+
+    penalty: the whole Omega(w) (differentiable, fp32, 0-dim); head_penalty: its beta/2 ||w_new||^2 part
+    (detached); distance: ||w_S - w0_S||_2 over the anchored tensors (detached).
+    """
+
+    penalty: Tensor
+    head_penalty: Tensor
+    distance: Tensor
+
+
+class Regularizer(Penalty):
+    """Base class of the weight penalties. Omega(w) = anchored_penalty(w_S, w0_S) + beta/2 ||w_new||^2.
+
+    Subclasses set ``formula`` and ``title`` and implement ``anchored_penalty``; see `base.Penalty` for what else a
+    class declares (search grid, config rules). ``name`` is set by ``@register_regularizer``.
+    """
+
+    kind: ClassVar[str] = "weight"
+    coefficient_fields: ClassVar[tuple[str, ...]] = ("sp_alpha", "sp_beta")
+    #: True when the penalty pulls toward the pretrained weights (then optimizer weight decay fights it).
+    pulls_to_source: ClassVar[bool] = True
+    #: True when `quadratic_form()` describes it, so sp_mode 'grad' and 'decoupled' can apply it in closed form.
+    supports_optimizer_side: ClassVar[bool] = False
+    #: Scales differ on purpose, e.g. an L1 pull alpha*sign(w - w0) is far stronger than alpha*(w - w0) at equal alpha.
+    search_fields: ClassVar[tuple[str, ...]] = ("sp_alpha",)
+    search_grid: ClassVar[tuple[float, ...]] = (1e-2, 1e-1, 1.0)
+    #: The paper's L2 on the new head, held while the study searches alpha.
+    protocol_fixed: ClassVar[dict[str, float]] = {"sp_beta": 0.01}
+
+    def __init__(self, alpha: float = 0.0, beta: float = 0.0):
+        self.alpha = check_coefficient("sp_alpha", alpha)
+        self.beta = check_coefficient("sp_beta", beta)
+
+    @classmethod
+    def from_config(cls, args) -> Regularizer:
+        return cls(alpha=args.sp_alpha, beta=args.sp_beta)
+
+    def prepare(self, params: SPParameters) -> None:
+        """Called once each time the trainer (re)resolves the parameter sets; validate and cache per-tensor state."""
+
+    def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(differentiable penalty on S, squared distance ||w_S - w0_S||^2 detached)."""
+        raise NotImplementedError
+
+    def quadratic_form(self) -> QuadraticForm | None:
+        """The closed-form description when Omega is quadratic (used by sp_mode 'grad' and 'decoupled')."""
+        return None
+
+    def __call__(self, params: SPParameters) -> PenaltyTerms:
+        """Omega on this process's tensors (under FSDP2: on its shards; the parts then sum over ranks)."""
+        anchored, sq_distance = self.anchored_penalty([local_view(p) for p in params.anchored], params.anchors)
+        head_value, _ = half_squared_distance([local_view(p) for p in params.head])
+        head = self.beta * head_value
+        return PenaltyTerms(penalty=anchored + head, head_penalty=head.detach(), distance=sq_distance.sqrt())
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha, "beta": self.beta}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.config_dict().items() if k != "name")
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,158 @@
+"""SPConfig: TrainingArguments plus the regularizer's settings."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..anchor.parameters import INCLUDE_CHOICES
+from ..penalties import REGULARIZERS, all_names, registered
+from ..penalties.base import check_coefficient
+from ..penalties.spec import parse_regularizer
+from .optimizer_side import SP_MODES
+
+
+@dataclass
+class SPConfig(TrainingArguments):
+    """`TrainingArguments` for `SPTrainer`: every Trainer option, plus the explicit inductive bias.
+
+    Parameters that control the regularizer:
+
+        regularizer (`str`, defaults to `"l2_sp"`):
+            A weight penalty (none, l2, l2_sp, l1_sp, group_lasso_sp, l2_sp_fisher), a feature penalty (delta, bss),
+            or one of each joined by '+', e.g. `l2_sp+bss`. Each part keeps its own coefficient.
+        sp_alpha (`float`, defaults to `0.1`):
+            alpha, the strength on the pretrained parameters S (the paper's Stanford Dogs value).
+        sp_beta (`float`, defaults to `0.01`):
+            beta, the L2 strength on the new parameters (the re-initialised head), as in the paper.
+        sp_include (`str`, defaults to `"weights"`):
+            `weights`: conv and linear weight tensors only (BatchNorm affine parameters and biases are free, as in
+            the paper's code); `all`: every trainable tensor (as tllib and the DELTA code do).
+        sp_reference (`str`, *optional*):
+            Checkpoint folder, weights file or Hub id to read w0 from. Default: snapshot the model's weights when
+            `SPTrainer` is built.
+        sp_reference_revision (`str`, *optional*):
+            Hub revision of `sp_reference`.
+        sp_fisher (`str`, *optional*):
+            Fisher-diagonal safetensors file (or folder / Hub repo holding `fisher.safetensors`) for `l2_sp_fisher`.
+        sp_head (`str`, *optional*):
+            Comma-separated module names of the new head; `none` for no head. Default: detected from the model.
+        sp_delta_alpha (`float`, defaults to `0.01`):
+            DELTA's coefficient on the feature-map distance, summed over the optimizer step's global batch (official
+            default, for the official code's batch sum on one device).
+        sp_delta_layers (`str`, *optional*):
+            Comma-separated modules whose outputs DELTA compares. Default: each backbone stage (timm feature_info,
+            or a transformers CNN's encoder.stages).
+        sp_delta_attention (`str`, defaults to `"computed"`):
+            `computed` (channel attention by ablation after a head-only warm-up), `uniform`, or a saved
+            `delta_attention.safetensors` (file or folder) to reuse.
+        sp_delta_attention_batches (`int`, defaults to `4`):
+            Training batches used to measure each channel's importance.
+        sp_delta_warmup_steps (`int`, defaults to `50`):
+            Head-only SGD steps before measuring channel importance.
+        sp_bss_eta (`float`, defaults to `0.001`):
+            BSS's eta (official default).
+        sp_bss_k (`int`, defaults to `1`):
+            Number of smallest singular values BSS shrinks.
+        sp_mode (`str`, defaults to `"loss"`):
+            `loss`: Omega is added to the training loss (the paper). `grad`: its closed-form gradient is added to
+            `.grad` once per optimizer step, before gradient clipping (same result as `loss`, no graph).
+            `decoupled`: w <- w - lr*alpha*(w - w0) in the optimizer step, like AdamW's decoupled decay: it acts
+            outside gradient clipping (a different method with Adam; equal to `loss` only for plain SGD without
+            momentum or clipping). `grad` and `decoupled` need a quadratic regularizer: l2, l2_sp or l2_sp_fisher.
+
+        sp_checkpoint_artefacts (`bool`, defaults to `False`):
+            Also write the run's artefacts (drift, model card, `sp_config.json`) into every checkpoint. By default
+            they are written once, by the final `save_model()` and by `push_to_hub`; checkpoints always hold the
+            weights, the anchor w0, the feature penalties' state and a completion marker.
+
+    NOTE: defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (image datasets keep their
+    raw columns for the lazy transform).
+    """
+
+    regularizer: str = field(
+        default="l2_sp",
+        metadata={"help": f"{', '.join(all_names())}, or a weight and a feature penalty joined by '+' "
+                          "(e.g. l2_sp+bss)."},
+    )
+    sp_alpha: float = field(default=0.1, metadata={"help": "alpha: strength of the penalty on pretrained parameters."})
+    sp_beta: float = field(default=0.01, metadata={"help": "beta: L2 strength on the new head parameters."})
+    sp_include: str = field(
+        default="weights",
+        metadata={"help": "Penalised tensors: 'weights' (conv/linear weights, the paper) or 'all' (every tensor)."},
+    )
+    sp_reference: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder, file or Hub id holding w0. Default: snapshot of the model at start."},
+    )
+    sp_reference_revision: str | None = field(default=None, metadata={"help": "Hub revision of sp_reference."})
+    sp_fisher: str | None = field(
+        default=None, metadata={"help": "Fisher diagonal file, folder or Hub repo (for l2_sp_fisher)."}
+    )
+    sp_head: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated head module names, or 'none'. Default: detected from the model."},
+    )
+    sp_delta_alpha: float = field(default=0.01, metadata={"help": "DELTA's coefficient (feature-map distance)."})
+    sp_delta_layers: str | None = field(
+        default=None, metadata={"help": "Modules DELTA compares, comma separated. Default: the backbone stages."}
+    )
+    sp_delta_attention: str = field(
+        default="computed", metadata={"help": "DELTA channel weights: 'computed', 'uniform' or a saved file."}
+    )
+    sp_delta_attention_batches: int = field(default=4, metadata={"help": "Batches for DELTA's channel importance."})
+    sp_delta_warmup_steps: int = field(default=50, metadata={"help": "Head-only steps before DELTA's attention."})
+    sp_bss_eta: float = field(default=0.001, metadata={"help": "BSS's eta."})
+    sp_bss_k: int = field(default=1, metadata={"help": "How many smallest singular values BSS shrinks."})
+    sp_mode: str = field(
+        default="loss",
+        metadata={"help": "'loss' (penalty in the loss, the paper), 'grad' (closed-form gradient added once per "
+                          "step, before clipping) or 'decoupled' (w <- w - lr*alpha*(w - w0) in the optimizer step, "
+                          "outside clipping)."},
+    )
+    sp_checkpoint_artefacts: bool = field(
+        default=False,
+        metadata={"help": "Also write drift, model card and sp_config.json into every checkpoint (default: only the "
+                          "final save and the push; checkpoints always keep the anchor and what resuming needs)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Drop dataset columns the model's forward does not take (False: keep them for transforms)."},
+    )
+
+    def __post_init__(self):
+        self._validate_sp()
+        super().__post_init__()
+
+    def _validate_sp(self) -> None:
+        spec = parse_regularizer(self.regularizer)  # raises with the valid names
+        for penalty in registered():  # each penalty's own fields and rules, whether it runs or not
+            for name in penalty.coefficient_fields:
+                setattr(self, name, check_coefficient(name, getattr(self, name)))
+            penalty.check_config(self, selected=penalty.name in spec.names)
+        if self.sp_include not in INCLUDE_CHOICES:
+            raise ValueError(f"sp_include must be one of {', '.join(INCLUDE_CHOICES)}; got {self.sp_include!r}.")
+        if self.sp_mode not in SP_MODES:
+            raise ValueError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}.")
+        weight = REGULARIZERS[spec.weight]
+        if self.sp_mode != "loss" and not weight.supports_optimizer_side:
+            closed_form = ", ".join(n for n, c in REGULARIZERS.items() if c.supports_optimizer_side)
+            raise ValueError(f"sp_mode={self.sp_mode!r} needs a quadratic regularizer ({closed_form}); "
+                             f"{self.regularizer!r} has no closed-form gradient step. Use sp_mode='loss'.")
+        if spec.features and self.sp_mode != "loss":
+            raise ValueError(f"Feature penalties ({', '.join(spec.features)}) act through the loss; they need "
+                             f"sp_mode='loss', not {self.sp_mode!r}.")
+        if self.weight_decay > 0 and weight.pulls_to_source:
+            warnings.warn(
+                f"weight_decay={self.weight_decay} together with regularizer={self.regularizer!r}: the optimizer "
+                "shrinks weights toward 0 while the penalty pulls them toward their pretrained values w0, so the "
+                "backbone is shrunk twice and ends between the two. The paper uses no weight decay with *_sp "
+                "penalties; set weight_decay=0 (sp_beta already covers the new head).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+__all__ = ["SPConfig"]
