@@ -26,7 +26,6 @@ COMMANDS = {
 }
 
 
-
 def user_errors() -> tuple[type[BaseException], ...]:
     from .artefacts.hub import PushError
     from .training.topology import UnsupportedTopologyError
