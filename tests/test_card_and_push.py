@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import HfApi, ModelCard
 
 from hf_l2sp import SPTrainer
@@ -79,14 +80,24 @@ RUN_ARTEFACTS = {"README.md", "drift.json", "drift.png", "sp_config.json"}
 RESUME_FILES = {"model.safetensors", "sp_anchor.safetensors", "sp_checkpoint_complete.json"}
 
 
-def test_artefacts_are_written_by_the_final_save_and_checkpoints_keep_what_resuming_needs(tmp_path, monkeypatch):
+def native_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                     num_labels=3))
+
+
+@pytest.mark.parametrize("make_model", [timm_classifier, native_resnet], ids=["timm_wrapper", "native_resnet"])
+def test_artefacts_are_written_by_the_final_save_and_checkpoints_keep_what_resuming_needs(tmp_path, monkeypatch,
+                                                                                          make_model):
     import hf_l2sp.artefacts.trainer as saving
 
     calls = []
     real = saving.compute_drift
     monkeypatch.setattr(saving, "compute_drift", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = sp_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, regularizer="l2")
-    trainer = SPTrainer(model=timm_classifier(), args=args, train_dataset=tensor_dataset(8))
+    trainer = SPTrainer(model=make_model(), args=args, train_dataset=tensor_dataset(8))
     trainer.train()
     for step in (1, 2):
         files = set(os.listdir(tmp_path / "out" / f"checkpoint-{step}"))
