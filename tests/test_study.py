@@ -114,9 +114,9 @@ def test_results_files_are_complete_and_parse(finished):
     assert sorted(r["key"] for r in records) == sorted(row["key"] for row in rows)
     import timm
 
-    from hf_l2sp.loading.model_parts import conv_or_linear_weight_names
+    from hf_l2sp.loading.model_parts import feature_weight_names
 
-    weights = conv_or_linear_weight_names(timm.create_model("test_resnet", num_classes=3))
+    weights = feature_weight_names(timm.create_model("test_resnet", num_classes=3))
     for r in records:
         assert len(r["drift_layers"]) == len(r["drift_layer_names"]) == len(r["drift_layer_penalised"]) > 10
         flags = [n.removeprefix("timm_model.") in weights for n in r["drift_layer_names"]]

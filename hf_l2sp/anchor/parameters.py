@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
 from torch import Tensor, nn
 
-from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, conv_or_linear_weight_names, unwrap_model
+from ..utils.text import first_few
+from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, feature_weight_names, unwrap_model
 
 INCLUDE_CHOICES = ("weights", "all")
 
@@ -16,7 +18,7 @@ INCLUDE_CHOICES = ("weights", "all")
 class SPParameters:
     """The parameter sets of one model, resolved against a reference.
 
-    anchored: trainable tensors of S that the penalty sees, with their fp32 anchors w0 (same order);
+    anchored: trainable tensors of S that the penalty sees, with their anchors w0 (same order; the parameter's dtype);
     head: trainable tensors of S-bar (new or reshaped) that the penalty sees. Names are canonical; `anchored_keys`
     are the checkpoint keys (see `checkpoint_key`) used to match Fisher files.
     """
@@ -95,7 +97,7 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
         raise ValueError(f"sp_include must be one of {INCLUDE_CHOICES}, got {include!r}.")
     inner = unwrap_model(model)
     prefix = base_prefix(inner)
-    allowed = conv_or_linear_weight_names(inner) if include == "weights" else None
+    allowed = feature_weight_names(inner) if include == "weights" else None
     sets = SPParameters([], [], [], [], [], [])
     for name, param in model.named_parameters():
         cname = canonical_name(name)
@@ -119,3 +121,19 @@ def full_values(model: nn.Module) -> dict[str, Tensor]:
     """Canonical name -> full parameter value; FSDP2 shards are gathered (a collective: every process calls it)."""
     return {canonical_name(name): p.full_tensor() if is_sharded(p) else p
             for name, p in unwrap_model(model).named_parameters()}
+
+
+def check_something_is_anchored(model: nn.Module, sets: SPParameters, regularizer, spec, include: str) -> None:
+    """A weight penalty with alpha > 0 that anchors no tensor would silently become an L2 on the new tensors alone:
+    refuse when trainable tensors are left out, warn when every trainable tensor is new."""
+    if not getattr(regularizer, "alpha", 0.0) or sets.anchored or not spec.weight_named:
+        return
+    new = set(sets.head_names)
+    free = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad and canonical_name(n) not in new]
+    message = (f"regularizer={spec.label!r} with sp_alpha={regularizer.alpha} anchors no tensor of "
+               f"{type(unwrap_model(model)).__name__} (sp_include={include!r}, {len(sets.head)} new tensors)")
+    if free:
+        raise ValueError(f"{message}: its trainable tensors {first_few(free)} are neither anchored nor new. "
+                         "Use sp_include='all' to anchor every trainable tensor, or check sp_head.")
+    warnings.warn(f"{message}: every trainable tensor is new, so alpha acts on nothing and only beta's L2 on the "
+                  "new tensors remains.", UserWarning, stacklevel=3)

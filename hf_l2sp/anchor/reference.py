@@ -1,9 +1,14 @@
-"""The anchor w0: a snapshot of the pretrained tensors, kept in fp32 outside the model's state dict."""
+"""The anchor w0: a snapshot of the pretrained tensors, kept outside the model's state dict.
+
+A snapshot keeps each tensor in its parameter's own dtype (an exact copy: a bf16 model's w0 costs the bytes of its
+parameters, not twice as many); the penalties compute in fp32 whatever the dtype.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +22,10 @@ from .parameters import is_sharded, local_view
 
 @dataclass
 class Reference:
-    """Anchors w0 by canonical parameter name (fp32), and where they came from (for logs and model cards)."""
+    """Anchors w0 by canonical parameter name, and where they came from (for logs and model cards).
+
+    head_names: the new tensors (S-bar), which have no anchor.
+    """
 
     tensors: dict[str, Tensor]
     source: str
@@ -26,32 +34,34 @@ class Reference:
 
     @classmethod
     def snapshot(cls, model: nn.Module, head_modules: list[str], device: torch.device | str | None = None,
-                 source: str | None = None) -> Reference:
-        """Copy every parameter of `model` except the head (fp32, detached, on `device`)."""
-        heads = head_parameter_names(model, head_modules)
+                 source: str | None = None, new_names: Iterable[str] = ()) -> Reference:
+        """Copy every parameter of `model` except the head's and `new_names` (detached, in the parameter's own
+        dtype, on `device`)."""
+        heads = head_parameter_names(model, head_modules) | set(new_names)
         tensors = {}
         with torch.no_grad():
             for name, param in unwrap_model(model).named_parameters():
                 cname = canonical_name(name)
                 if cname not in heads:
-                    tensors[cname] = param.detach().to(device=device or param.device, dtype=torch.float32,
-                                                       copy=True)
+                    tensors[cname] = param.detach().to(device=device or param.device, copy=True)
         name = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or type(model).__name__
         return cls(tensors, source or f"snapshot of {name} when SPTrainer was built", sorted(heads))
 
     @classmethod
     def from_checkpoint(cls, path_or_repo: str, model: nn.Module, head_modules: list[str],
-                        device: torch.device | str | None = None, revision: str | None = None) -> Reference:
+                        device: torch.device | str | None = None, revision: str | None = None,
+                        new_names: Iterable[str] = ()) -> Reference:
         """Load anchors from a checkpoint folder, weights file or Hub repo and check them against `model`.
 
         Keys may carry the model's base prefix or not (timm files vs transformers files). Every trainable
         non-head parameter must be present with the same shape; every parameter-like key of the file must exist
-        in the model; head tensors of another shape become new parameters (S-bar).
+        in the model; head tensors of another shape become new parameters (S-bar). `new_names` are new tensors
+        (e.g. a layer the source checkpoint lacks) treated like the head. Anchors keep the file's float dtype.
         """
         state = read_state_dict(path_or_repo, revision, what="sp_reference")
         inner = unwrap_model(model)
         prefix = base_prefix(inner)
-        heads = head_parameter_names(model, head_modules)
+        heads = head_parameter_names(model, head_modules) | set(new_names)
         params = {checkpoint_key(n, prefix): (canonical_name(n), p) for n, p in inner.named_parameters()}
         buffers = {checkpoint_key(n, prefix) for n, _ in inner.named_buffers()}
 
@@ -69,7 +79,8 @@ class Reference:
                 if cname not in heads:
                     wrong_shape.append(f"{key}: reference {tuple(value.shape)} vs model {tuple(param.shape)}")
                 continue
-            tensors[cname] = value.detach().to(device=device or "cpu", dtype=torch.float32)
+            value = value.detach().to(device=device or "cpu")
+            tensors[cname] = value if value.is_floating_point() else value.to(param.dtype)
         missing = [k for k, (c, p) in params.items() if p.requires_grad and c not in heads and k not in seen]
         problems = []
         if unexpected:
@@ -99,7 +110,7 @@ class Reference:
             tensor = tensors[name].detach().cpu().contiguous()
             digest.update(name.encode())
             digest.update(json.dumps(list(tensor.shape)).encode())
-            digest.update(tensor.numpy().tobytes())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
         return digest.hexdigest()
 
     def shard_like(self, model: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """What a checkpoint needs so that resuming never re-anchors: the anchor itself and a completion marker.
 
-Each checkpoint folder gets `sp_anchor.safetensors` (w0, fp32, canonical names, with its fingerprint in the
+Each checkpoint folder gets `sp_anchor.safetensors` (w0 in its stored dtype, canonical names, with its fingerprint in the
 metadata) and, written last, `sp_checkpoint_complete.json`. A folder without the marker was interrupted while
 being written (e.g. SIGKILL) and is never resumed from.
 """
@@ -8,16 +8,21 @@ being written (e.g. SIGKILL) and is never resumed from.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..utils.files import replacing, write_text_atomically
+from .fisher_io import FisherDiagonal, load_fisher
 from .reference import Reference
+
+logger = logging.getLogger(__name__)
 
 ANCHOR_FILE = "sp_anchor.safetensors"
 COMPLETE_MARKER = "sp_checkpoint_complete.json"
@@ -79,3 +84,41 @@ def compare_anchors(stored: Reference, current: Reference) -> list[str]:
     if shapes:
         problems.append(f"shape mismatches: {', '.join(shapes[:5])}")
     return problems
+
+
+def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, description: str) -> Reference:
+    """The anchor stored in `checkpoint`, checked against the one built now (`current`, whose new-tensor names it
+    keeps). `fixed`: the anchor was given (sp_reference or a Reference), so a different stored anchor is an error;
+    otherwise the model may hold fine-tuned weights by now and the stored anchor wins."""
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
+    if not is_complete(checkpoint):
+        last = last_complete_checkpoint(Path(checkpoint).parent)
+        raise ValueError(f"Checkpoint {checkpoint!r} was not completely written (interrupted while saving?); "
+                         f"it cannot be resumed from. Last complete checkpoint: {last or 'none'}.")
+    stored = load_anchor(checkpoint, device)
+    problems = compare_anchors(stored, current)
+    if problems:
+        raise ValueError(f"Cannot resume from {checkpoint!r}: the model does not match the anchor stored there ("
+                         + "; ".join(problems) + "). Resume with the model and regularizer the run started with.")
+    if stored.fingerprint() != current.fingerprint():
+        if fixed:
+            raise ValueError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
+                             f"({description}). Resuming must keep the anchor the run started "
+                             "with; remove sp_reference or point it at the original checkpoint.")
+        logger.warning("hf_l2sp: the weights at construction differ from the anchor stored in %s; using the "
+                       "stored anchor (resuming never re-anchors).", checkpoint)
+    stored.head_names = current.head_names
+    return stored
+
+
+def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given: str | None) -> None:
+    """Resuming must use the Fisher diagonal the run used (stored in the checkpoint)."""
+    stored = Path(checkpoint) / "fisher.safetensors"
+    if fisher is None or not stored.is_file():
+        return
+    saved = load_fisher(str(stored))
+    if saved.tensors.keys() != fisher.tensors.keys() or any(
+            not torch.equal(saved.tensors[k], fisher.tensors[k].cpu()) for k in saved.tensors):
+        raise ValueError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({given})"
+                         " differs from the one the run used (stored in the checkpoint).")

@@ -1,15 +1,22 @@
-"""The structure of a loaded model: parameter names under wrappers (DDP, torch.compile, FSDP), checkpoint keys, the
-classification head that fine-tuning re-initialises, and the conv/linear weights the paper penalises."""
+"""The structure of a loaded model: parameter names under wrappers (DDP, torch.compile, FSDP, PEFT), checkpoint keys,
+the task head that fine-tuning re-initialises, and the weight matrices the paper penalises."""
 
 from __future__ import annotations
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer; imported by name so a rename fails loudly
 
 #: Path components that wrappers insert into parameter names (DDP, torch.compile, FSDP, activation checkpointing).
 WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
-_CONV_OR_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                   nn.Linear)
+_FEATURE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                   nn.Linear, nn.Embedding, Conv1D)
+
+
+def _is_feature_layer(module: nn.Module) -> bool:
+    """A layer whose `weight` maps features: Linear, Conv*, Embedding (a linear map of one-hot tokens), and
+    transformers' `Conv1D` (GPT-2's linear layer, its weight stored transposed; no subclass of nn.Linear)."""
+    return isinstance(module, _FEATURE_LAYERS)
 
 
 def canonical_name(name: str) -> str:
@@ -45,12 +52,19 @@ def checkpoint_key(name: str, prefix: str) -> str:
     return name
 
 
-def conv_or_linear_weight_names(model: nn.Module) -> set[str]:
-    """Canonical names of the `weight` of every Conv*d/ConvTranspose*d/Linear module (the paper's penalised set)."""
+def feature_weight_names(model: nn.Module) -> set[str]:
+    """Canonical names of the weight matrix of every feature-mapping layer (`_is_feature_layer`): the set the paper
+    penalises (norm layers' scales and every bias are left free).
+
+    Names are those `named_parameters()` reports, so a weight tied between two modules (GPT-2's token embedding and
+    its LM head) is found whichever module holds it first.
+    """
+    by_id = {id(p): canonical_name(n) for n, p in model.named_parameters()}
     names = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, _CONV_OR_LINEAR) and isinstance(getattr(module, "weight", None), nn.Parameter):
-            names.add(canonical_name(f"{module_name}.weight" if module_name else "weight"))
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if _is_feature_layer(module) and isinstance(weight, nn.Parameter) and id(weight) in by_id:
+            names.add(by_id[id(weight)])
     return names
 
 
@@ -67,11 +81,25 @@ def _timm_head_modules(timm_model: nn.Module) -> list[str]:
     return []
 
 
-def find_head_modules(model: nn.Module) -> list[str]:
-    """Module names (canonical) of the classification head that fine-tuning re-initialises.
+#: Module names transformers gives the task head of its classifiers (sequence/token classification, images).
+_CLASSIFIER_MODULES = ("classifier", "score")
 
-    TimmWrapper / timm models: `pretrained_cfg['classifier']`; transformers image classifiers: their `classifier`
-    module; otherwise the last Linear whose out_features equals `config.num_labels`. Raises if none is found.
+
+def is_classifier(model: nn.Module) -> bool:
+    """False only for a transformers model that is not a `*For*Classification` (a causal or masked LM, a bare
+    encoder): it has no task head to re-initialise. timm models and unknown modules count as classifiers."""
+    inner = unwrap_model(model)
+    is_transformers = bool(getattr(getattr(inner, "config", None), "model_type", None))
+    return hasattr(inner, "timm_model") or not is_transformers or "Classification" in type(inner).__name__
+
+
+def find_head_modules(model: nn.Module) -> list[str]:
+    """Module names (canonical) of the task head that fine-tuning re-initialises.
+
+    TimmWrapper / timm models: `pretrained_cfg['classifier']`; transformers classifiers: their `classifier` or
+    `score` module, else the last Linear whose out_features equals `config.num_labels`. A model that is not a
+    classifier (a causal or masked LM, a bare encoder) has no such head: []. Raises for a classifier whose head
+    cannot be found.
     """
     inner = unwrap_model(model)
     timm_model = getattr(inner, "timm_model", None)
@@ -79,8 +107,10 @@ def find_head_modules(model: nn.Module) -> list[str]:
         heads = [f"timm_model.{name}" for name in _timm_head_modules(timm_model)]
     elif hasattr(inner, "pretrained_cfg") and hasattr(inner, "get_classifier"):
         heads = _timm_head_modules(inner)
-    elif isinstance(getattr(inner, "classifier", None), nn.Module):
-        heads = ["classifier"]
+    elif named := [n for n in _CLASSIFIER_MODULES if isinstance(getattr(inner, n, None), nn.Module)]:
+        heads = named[:1]
+    elif not is_classifier(inner):
+        return []
     else:
         num_labels = getattr(getattr(inner, "config", None), "num_labels", None)
         linears = [n for n, m in inner.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
@@ -88,7 +118,7 @@ def find_head_modules(model: nn.Module) -> list[str]:
     if not heads:
         raise ValueError(
             f"Could not find the classification head of {type(inner).__name__}. Set sp_head to the head's module "
-            "name(s), comma separated (e.g. sp_head='fc'), or sp_head='none' to anchor every parameter."
+            "name(s), comma separated (e.g. sp_head='fc'), or sp_head='none' if it has no new head."
         )
     return [canonical_name(h) for h in heads]
 
@@ -120,3 +150,27 @@ def validate_head_modules(model: nn.Module, head_modules: list[str]) -> None:
             f"sp_head names module(s) {unknown} that {type(unwrap_model(model)).__name__} does not have. "
             f"Top-level modules: {top}."
         )
+
+
+def model_task(model: nn.Module) -> str | None:
+    """The Hub pipeline task of a model ('image-classification', 'text-classification', 'text-generation', ...),
+    from transformers' own auto-class tables (a rename there fails at import, loudly); None when unknown."""
+    from transformers.models.auto import modeling_auto as auto
+
+    inner = unwrap_model(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+    if hasattr(inner, "timm_model"):
+        return "image-classification"
+    tables = (("image-classification", auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES),
+              ("text-classification", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+              ("text-generation", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+              ("token-classification", auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+              ("fill-mask", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+              ("question-answering", auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
+              ("text2text-generation", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES))
+    name = type(inner).__name__
+    for task, table in tables:
+        for value in table.values():
+            if name == value or (isinstance(value, (tuple, list)) and name in value):
+                return task
+    return None

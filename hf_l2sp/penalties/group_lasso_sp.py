@@ -29,7 +29,7 @@ class GroupLassoSP(Regularizer):
         total = torch.zeros((), dtype=torch.float32, device=anchors[0].device if anchors else None)
         sq_distance = total.clone()
         for p, a in zip(params, anchors):
-            diff = (p.float() - a).reshape(p.shape[0] if p.ndim else 1, -1)
+            diff = (p.float() - a.float()).reshape(p.shape[0] if p.ndim else 1, -1)
             group_norms = torch.linalg.vector_norm(diff, dim=1)
             total = total + math.sqrt(diff.shape[1]) * group_norms.sum()
             sq_distance = sq_distance + group_norms.detach().square().sum()

@@ -2,8 +2,9 @@
 
 Each kernel is an ``autograd.Function`` over a *list* of parameters: the forward pass computes the value with
 ``torch._foreach_*`` ops under ``no_grad`` (no graph is built for the penalty), and the backward pass writes the
-closed-form gradient, again with multi-tensor ops. Everything runs in fp32 whatever the parameter dtype, so that
-``w - w0`` keeps its precision under bf16/fp16 training; gradients are cast back to the parameter dtype.
+closed-form gradient, again with multi-tensor ops. Everything runs in fp32 whatever the parameter and anchor dtype
+(an anchor is stored in its parameter's dtype, an exact copy), so that ``w - w0`` keeps its precision under
+bf16/fp16 training; gradients are cast back to the parameter dtype.
 
 Besides the penalty value, each kernel returns the squared Euclidean distance ``sum ||w - a||^2`` it computed on
 the way (non-differentiable), so the trainer can log ``sp/distance`` without a second pass over the weights.
@@ -15,9 +16,9 @@ import torch
 from torch import Tensor
 
 
-def _fp32(params: tuple[Tensor, ...]) -> list[Tensor]:
-    # .float() is a no-op (same tensor) for fp32 parameters.
-    return [p.detach().float() for p in params]
+def _fp32(tensors) -> list[Tensor]:
+    # .float() is a no-op (same tensor) for fp32 tensors.
+    return [t.detach().float() for t in tensors]
 
 
 def sum_of_squares(tensors: list[Tensor]) -> Tensor:
@@ -41,7 +42,7 @@ class HalfSquaredDistance(torch.autograd.Function):
             p32 = _fp32(params)
             # diffs is kept for the backward pass (a transient copy of the tensors, freed after it), so the
             # gradient costs one multiply instead of a second subtraction over w and w0.
-            diffs = torch._foreach_sub(p32, anchors) if anchors is not None else [t.clone() for t in p32]
+            diffs = torch._foreach_sub(p32, _fp32(anchors)) if anchors is not None else [t.clone() for t in p32]
             sq_distance = sum_of_squares(diffs)
             if weights is None:
                 value = 0.5 * sq_distance
@@ -68,7 +69,7 @@ class AbsoluteDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors: list[Tensor], *params: Tensor):
         with torch.no_grad():
-            diffs = torch._foreach_sub(_fp32(params), anchors)
+            diffs = torch._foreach_sub(_fp32(params), _fp32(anchors))
             value = torch.stack(torch._foreach_norm(diffs, 1)).sum()
             sq_distance = sum_of_squares(diffs)
         ctx.anchors = anchors
@@ -79,7 +80,7 @@ class AbsoluteDistance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value: Tensor, _grad_sq_distance: Tensor):
         params = ctx.saved_tensors
-        grads = torch._foreach_sub(_fp32(params), ctx.anchors)
+        grads = torch._foreach_sub(_fp32(params), _fp32(ctx.anchors))
         torch._foreach_sign_(grads)
         torch._foreach_mul_(grads, grad_value)
         return (None, *_to_param_dtype(grads, params))

@@ -22,7 +22,8 @@ class NoRegularizer(Regularizer):
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         with torch.no_grad():
             if params.anchored:
-                diffs = torch._foreach_sub([local_view(p).detach().float() for p in params.anchored], params.anchors)
+                diffs = torch._foreach_sub([local_view(p).detach().float() for p in params.anchored],
+                                           [a.float() for a in params.anchors])
                 distance = torch.stack(torch._foreach_norm(diffs)).square().sum().sqrt()
             else:
                 distance = torch.zeros(())

@@ -84,7 +84,7 @@ class OptimizerSidePenalty:
             if anchored:
                 params = [local_view(p) for p, _, _ in anchored]
                 p32 = [p.detach().float() for p in params]
-                diffs = torch._foreach_sub(p32, [a for _, a, _ in anchored])
+                diffs = torch._foreach_sub(p32, [a.float() for _, a, _ in anchored])
                 sq_distance.append(sum_of_squares(diffs))
                 if form.use_anchors:
                     pull = diffs
