@@ -1,6 +1,6 @@
 """hf_l2sp: the explicit inductive bias of Li, Grandvalet & Davoine (ICML 2018) for Hugging Face fine-tuning.
 
-Public API: `SPTrainer`, `SPConfig`, the regularizer registry (`REGULARIZERS`, `register_regularizer`,
+Public API: `SPTrainer`, `SPConfig`, `SPMixin` and `SPArguments` (for any Trainer subclass, e.g. TRL's), the regularizer registry (`REGULARIZERS`, `register_regularizer`,
 `get_regularizer_class`, `list_regularizers`, the `Regularizer` base class), `Reference` (the anchor w0), the
 loaders (`load_backbone`, `load_image_dataset`, transforms, collator, metrics) and the Fisher-file helpers.
 """
@@ -21,8 +21,8 @@ from .penalties import (
     list_regularizers,
     register_regularizer,
 )
-from .training.config import SPConfig
-from .artefacts.trainer import SPTrainer
+from .training.config import SPArguments, SPConfig
+from .artefacts.trainer import SPMixin, SPTrainer
 from .pipeline.options import load_recipe
 from .tuning import compare, search
 from .utils.version import __version__
@@ -46,7 +46,9 @@ __all__ = [
     "PenaltyTerms",
     "Reference",
     "Regularizer",
+    "SPArguments",
     "SPConfig",
+    "SPMixin",
     "SPTrainer",
     "__version__",
     "get_regularizer_class",

@@ -14,7 +14,7 @@ def make(tmp_path, **kwargs):
 def test_defaults_follow_the_paper(tmp_path):
     args = make(tmp_path)
     assert (args.regularizer, args.sp_alpha, args.sp_beta, args.sp_include) == ("l2_sp", 0.1, 0.01, "weights")
-    assert args.remove_unused_columns is False
+    assert args.remove_unused_columns is True  # Trainer's default: a text script keeps working (issue 21)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -210,7 +210,7 @@ def test_reference_of_another_architecture_is_refused(tmp_path):
 
 
 def test_training_arguments_are_refused_with_a_fix(tmp_path):
-    with pytest.raises(TypeError, match="needs an SPConfig.*Replace TrainingArguments"):
+    with pytest.raises(TypeError, match="needs its arguments to include SPArguments.*Replace TrainingArguments"):
         SPTrainer(model=timm_classifier(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
 
 

@@ -1,9 +1,9 @@
-"""`SPTrainer`: the penalty trainer, plus what a finished run leaves behind.
+"""`SPMixin` (the penalty plus what a finished run leaves behind, over any Trainer subclass) and `SPTrainer`.
 
 Every save (checkpoints included) writes weights that timm and transformers both load. The final save
 (`save_model()` called by the user or `hf-l2sp train`) and `push_to_hub` also write, once, the run's artefacts:
 `drift.json` / `drift.png`, the Fisher file the run used, the feature penalties' state, `sp_config.json` and the
-model card. Checkpoints keep only what resuming needs (see `PenaltyTrainer._save_checkpoint`), unless
+model card. Checkpoints keep only what resuming needs (see `PenaltyMixin._save_checkpoint`), unless
 `sp_checkpoint_artefacts` asks for the artefacts there too.
 """
 
@@ -14,9 +14,11 @@ from pathlib import Path
 
 from ..anchor.fisher_io import FISHER_FILENAME, save_fisher
 from ..anchor.parameters import full_values
-from ..loading.model_parts import unwrap_model
+from ..loading.model_parts import model_task, unwrap_model
 from ..loading.models import is_timm_wrapper
-from ..training.trainer import PenaltyTrainer
+from transformers import Trainer
+
+from ..training.trainer import PenaltyMixin
 from ..utils.files import write_text_atomically
 from ..utils.version import __version__
 from .card import card_facts, non_default_hyperparameters, render_model_card
@@ -26,12 +28,21 @@ from .formats import finalize_timm_folder, prepare_config_for_save
 SP_CONFIG_FILE = "sp_config.json"
 
 
-class SPTrainer(PenaltyTrainer):
-    """A drop-in `Trainer` whose training loss is `task loss + Omega(w)` (Li et al., ICML 2018).
+class SPMixin(PenaltyMixin):
+    """Adds the explicit inductive bias (Li et al., ICML 2018) to any `transformers.Trainer` subclass: its training
+    loss becomes `task loss + Omega(w)`. Put it first: `class SFTSPTrainer(SPMixin, SFTTrainer)`, with a config that
+    includes `SPArguments` (`@dataclass class SFTSPConfig(SPArguments, SFTConfig)`). `SPTrainer` is
+    `SPMixin` over `Trainer`.
 
-    Use it exactly like `Trainer`, with an `SPConfig` instead of `TrainingArguments`. At construction it snapshots
-    the pretrained tensors w0 (fp32, on the training device, outside the model) or loads them from
-    `args.sp_reference`. In every training forward it adds the regularizer's Omega, once per optimizer step whatever
+    What it overrides, each calling the trainer's own: `__init__` (anchor), `compute_loss` (Omega),
+    `_clip_grad_norm` / `_get_grad_norm` (sp_mode 'grad'), `log` (`sp/*`), `_save_checkpoint` (anchor, marker,
+    optional artefacts), `train` (resume restores the anchor), `_save` / `save_model` / `push_to_hub` (weights timm
+    loads, drift, card), `evaluate` (metrics for the card), `call_model_init` / `_hp_search_setup` (model_init and
+    search trials), `_remove_unused_columns` (datasets with a transform keep their columns).
+
+    Use it exactly like the trainer it extends. At construction it decides which tensors are new (absent from the
+    checkpoint the model came from, or the task head) and snapshots the others, w0 (in each parameter's dtype, on the
+    training device, outside the model), or loads them from `args.sp_reference`. In every training forward it adds the regularizer's Omega, once per optimizer step whatever
     the gradient accumulation and model class; evaluation losses never include it. It logs `sp/penalty` (Omega),
     `sp/head_penalty` (its beta part) and `sp/distance` (||w_S - w0_S||_2), averaged over each logging window.
     `save_model()` leaves a folder that timm, transformers and the pipeline load, with drift files and a model card.
@@ -41,16 +52,15 @@ class SPTrainer(PenaltyTrainer):
         reference: a ready `Reference` (anchors) instead of a snapshot / `args.sp_reference`.
         backbone_report: what `load_backbone` reported (the source model's revision goes on the model card).
         data_description: `ImageData.description` (dataset, splits, sizes), for the model card.
-        Every other argument is `Trainer`'s.
+        Every other argument is the trainer's own.
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, backbone_report=None, data_description=None,
-                 **trainer_kwargs):
+    def __init__(self, *trainer_args, backbone_report=None, data_description=None, **trainer_kwargs):
         self.backbone_report = backbone_report
         self.data_description = data_description
         self.sp_metrics: dict[str, float] = {}  # latest evaluation results, for the model card
         self._artefacts_written: tuple[str, int] | None = None  # (folder, global step) of the last write
-        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        super().__init__(*trainer_args, **trainer_kwargs)
 
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
@@ -132,11 +142,27 @@ class SPTrainer(PenaltyTrainer):
             anchor_source=self._anchor_description(),
             base_model=getattr(model.config, "_name_or_path", None) or None,
             base_revision=report.revision if report is not None else None, is_timm=is_timm_wrapper(model),
-            data=self.data_description, metrics=self.sp_metrics, drift=drift,
+            data=self.data_description or self._dataset_sizes(), metrics=self.sp_metrics, drift=drift,
             hyperparameters=non_default_hyperparameters(self.args),
             fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
-            label=self.regularizer_spec.label,
+            label=self.regularizer_spec.label, task=model_task(model),
+            new_tensors=self.sp.new_tensors.describe() if self.sp.new_tensors else None,
         ))
 
+    def _dataset_sizes(self) -> dict:
+        """Without a data description (a script's own datasets): the number of examples in each split given."""
+        sizes = {}
+        for split, data in (("train", self.train_dataset), ("validation", self.eval_dataset)):
+            if isinstance(data, dict):
+                sizes.update({f"{split} {k}": len(v) for k, v in data.items() if hasattr(v, "__len__")})
+            elif data is not None and hasattr(data, "__len__"):
+                sizes[split] = len(data)
+        return {"num_examples": sizes} if sizes else {}
 
-__all__ = ["SPTrainer"]
+
+class SPTrainer(SPMixin, Trainer):
+    """A drop-in `transformers.Trainer` whose training loss is `task loss + Omega(w)` (Li et al., ICML 2018): use it
+    exactly like `Trainer`, with an `SPConfig` instead of `TrainingArguments`. See `SPMixin`."""
+
+
+__all__ = ["SPMixin", "SPTrainer"]

@@ -1,4 +1,5 @@
-"""SPConfig: TrainingArguments plus the regularizer's settings."""
+"""SPArguments, the regularizer's settings as a dataclass to mix into any trainer config, and SPConfig:
+`TrainingArguments` plus those settings."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from .optimizer_side import SP_MODES
 
 
 @dataclass
-class SPConfig(TrainingArguments):
-    """`TrainingArguments` for `SPTrainer`: every Trainer option, plus the explicit inductive bias.
+class SPArguments:
+    """The explicit inductive bias's settings, to put in front of any `TrainingArguments` subclass:
+    `SPConfig` is `SPArguments` over `TrainingArguments`; for TRL, `@dataclass class SFTSPConfig(SPArguments,
+    SFTConfig)`. Its `__post_init__` validates them, then runs the config's own.
 
     Parameters that control the regularizer:
 
@@ -68,8 +71,8 @@ class SPConfig(TrainingArguments):
             they are written once, by the final `save_model()` and by `push_to_hub`; checkpoints always hold the
             weights, the anchor w0, the feature penalties' state and a completion marker.
 
-    NOTE: defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (image datasets keep their
-    raw columns for the lazy transform).
+    `remove_unused_columns` keeps Trainer's meaning; SPTrainer keeps every column of a dataset that has a transform
+    (`with_transform` / `set_transform`, as `with_transforms` builds), since the transform reads them.
     """
 
     regularizer: str = field(
@@ -117,14 +120,11 @@ class SPConfig(TrainingArguments):
         metadata={"help": "Also write drift, model card and sp_config.json into every checkpoint (default: only the "
                           "final save and the push; checkpoints always keep the anchor and what resuming needs)."},
     )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Drop dataset columns the model's forward does not take (False: keep them for transforms)."},
-    )
-
     def __post_init__(self):
         self._validate_sp()
-        super().__post_init__()
+        parent = super()
+        if hasattr(parent, "__post_init__"):
+            parent.__post_init__()
 
     def _validate_sp(self) -> None:
         spec = parse_regularizer(self.regularizer)  # raises with the valid names
@@ -144,7 +144,7 @@ class SPConfig(TrainingArguments):
         if spec.features and self.sp_mode != "loss":
             raise ValueError(f"Feature penalties ({', '.join(spec.features)}) act through the loss; they need "
                              f"sp_mode='loss', not {self.sp_mode!r}.")
-        if self.weight_decay > 0 and weight.pulls_to_source:
+        if getattr(self, "weight_decay", 0) > 0 and weight.pulls_to_source:
             warnings.warn(
                 f"weight_decay={self.weight_decay} together with regularizer={self.regularizer!r}: the optimizer "
                 "shrinks weights toward 0 while the penalty pulls them toward their pretrained values w0, so the "
@@ -155,4 +155,13 @@ class SPConfig(TrainingArguments):
             )
 
 
-__all__ = ["SPConfig"]
+@dataclass
+class SPConfig(SPArguments, TrainingArguments):
+    """`TrainingArguments` for `SPTrainer`: every Trainer option, plus the explicit inductive bias (`SPArguments`:
+    regularizer, sp_alpha, sp_beta, sp_include, sp_reference, sp_head, sp_mode, ...)."""
+
+
+SPConfig.__doc__ += "\n\n    " + SPArguments.__doc__.split("\n\n", 1)[1].lstrip()  # the fields, documented once
+
+
+__all__ = ["SPArguments", "SPConfig"]

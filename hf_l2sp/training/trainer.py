@@ -1,13 +1,15 @@
-"""The penalty trainer: `transformers.Trainer` with the explicit inductive bias added to the training loss.
+"""The penalty side of SPTrainer: the explicit inductive bias added to a `transformers.Trainer`'s training loss.
 
-`PenaltyTrainer` anchors the model (w0), adds Omega once per optimizer step whatever the set-up, logs its parts and
-keeps in each checkpoint what resuming needs. What a finished run leaves behind (timm-loadable weights, drift,
-model card) is added by `hf_l2sp.artefacts.trainer.SPTrainer`, the class users import.
+`PenaltyMixin` anchors the model (w0), adds Omega once per optimizer step whatever the set-up, logs its parts and
+keeps in each checkpoint what resuming needs; its state is one `PenaltyState` (`training/state.py`). What a finished
+run leaves behind (weights timm loads, drift, model card) is added by `hf_l2sp.artefacts.trainer.SPMixin`, the
+mixin users combine with any Trainer subclass (`SPTrainer` is `SPMixin` over `Trainer`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from pathlib import Path
 
@@ -16,31 +18,26 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import Trainer
 
-from ..anchor.fisher_io import load_fisher
-from ..anchor.parameters import SPParameters, fsdp_unsharded_now, resolve_parameters
+from ..anchor.parameters import SPParameters, check_something_is_anchored, fsdp_unsharded_now, resolve_parameters
 from ..anchor.reference import Reference
-from ..anchor.resume import (
-    compare_anchors,
-    is_complete,
-    last_complete_checkpoint,
-    load_anchor,
-    mark_complete,
-    save_anchor,
-)
+from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete, save_anchor
+from ..loading.forward import loss_uses_num_items_in_batch
 from ..loading.model_parts import (
     find_head_modules,
     parse_head_option,
     unwrap_model,
     validate_head_modules,
 )
+from ..loading.new_tensors import find_new_tensors
 from ..penalties import FEATURE_REGULARIZERS, FeatureContext, PenaltyTerms, Regularizer, get_regularizer_class
 from ..penalties.l2 import L2
 from ..penalties.none import NoRegularizer
 from ..penalties.spec import RegularizerSpec, parse_regularizer
 from ..utils.hub import public_name
-from .config import SPConfig
+from .config import SPArguments, SPConfig
 from .optimizer_side import OptimizerSidePenalty
 from .penalty_log import PenaltyLog
+from .state import OptimizerHook, PenaltyState
 from .topology import check_supported
 
 logger = logging.getLogger(__name__)
@@ -53,60 +50,110 @@ def build_weight_regularizer(spec: RegularizerSpec, args: SPConfig) -> Regulariz
     return L2(alpha=0.0, beta=args.sp_beta) if spec.weight == "l2" else NoRegularizer()
 
 
-class PenaltyTrainer(Trainer):
-    """The training side of `SPTrainer` (use that class): anchoring, Omega in the loss or the optimizer step, the
-    `sp/*` logs, and checkpoints that resume without re-anchoring. Takes `regularizer=` (a ready `Regularizer`) and
-    `reference=` (a ready `Reference`) besides `Trainer`'s arguments.
+def _loss_comes_from_model(cls: type) -> bool:
+    """True when nothing between `PenaltyMixin` and `transformers.Trainer` in `cls`'s MRO overrides `compute_loss`:
+    the training loss is then the model's own (a trainer like TRL's SFTTrainer computes its own)."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(PenaltyMixin) + 1:]:
+        if "compute_loss" in vars(klass):
+            return klass is Trainer
+    return False
+
+
+class PenaltyMixin:
+    """The training side of `SPMixin` / `SPTrainer` (use those): anchoring, Omega in the loss or the optimizer step,
+    the `sp/*` logs, and checkpoints that resume without re-anchoring. Mixed in before a `transformers.Trainer`
+    (or any subclass, e.g. TRL's): every override calls `super()`. Takes `regularizer=` (a ready `Regularizer`) and
+    `reference=` (a ready `Reference`) besides the trainer's own arguments.
     """
 
-    _tag_names = ["hf_l2sp", "transfer-learning"]
+    _sp_tags = ["hf_l2sp", "transfer-learning"]
 
-    def __init__(self, model=None, args: SPConfig | None = None, *trainer_args,
-                 regularizer: Regularizer | None = None, reference: Reference | None = None, **trainer_kwargs):
+    def __init__(self, *trainer_args, regularizer: Regularizer | None = None, reference: Reference | None = None,
+                 **trainer_kwargs):
+        # The trainer's own signature decides what each argument is: TRL's DPOTrainer takes ref_model second.
+        bound = inspect.signature(super().__init__).bind_partial(*trainer_args, **trainer_kwargs)
+        args = bound.arguments.get("args")
         if args is None:
-            args = SPConfig(output_dir="sp_trainer_output")
-        if not isinstance(args, SPConfig):
+            args = bound.arguments["args"] = SPConfig(output_dir="sp_trainer_output")
+        if not isinstance(args, SPArguments):
             raise TypeError(
-                f"SPTrainer needs an SPConfig, got {type(args).__name__}. Replace TrainingArguments(...) with "
-                "SPConfig(...): it takes the same arguments plus regularizer, sp_alpha, sp_beta, ..."
+                f"{type(self).__name__} needs its arguments to include SPArguments, got {type(args).__name__}. "
+                "Replace TrainingArguments(...) with SPConfig(...) (same arguments plus regularizer, sp_alpha, "
+                "sp_beta, ...), or for another trainer's config declare "
+                "`@dataclass class MyConfig(SPArguments, ThatConfig)`."
             )
         # Everything the penalty needs is set before Trainer.__init__, which may call call_model_init (model_init).
-        self._sp_ready = False
         self._given_regularizer, self._given_reference = regularizer, reference
-        self._build_regularizers(args)
-        self._sp_params: SPParameters | None = None
-        self._sp_params_key: tuple[int, ...] | None = None
-        self._sp_side: tuple | None = None  # (torch optimizer, OptimizerSidePenalty, hook handle): 'grad'/'decoupled'
-        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self.sp = self._new_state(args)
+        super().__init__(*bound.args, **bound.kwargs)
         check_supported(self.accelerator)  # refuse ZeRO-3 / FSDP1 before anything is built
-        # transformers CNN classifiers (ResNet, EfficientNet, RegNet, ...) take **kwargs in forward, so Trainer
-        # believes they normalise by num_items_in_batch, which they drop: it would then skip the 1/accumulation
-        # division and multiply by the number of processes. An image classifier's loss is a per-sample mean: say
-        # so, and Trainer divides by the accumulation steps and DDP/FSDP average over processes, for every class.
-        self.model_accepts_loss_kwargs = False
-        self._sp_ready = True
+        self.sp.ready = True
         if self.model is not None:  # with model_init, Trainer.__init__ built the model through call_model_init
+            self._fix_loss_normalisation(self.model)
             self._anchor(self.model)
 
-    def _build_regularizers(self, args: SPConfig) -> None:
-        self.regularizer_spec = parse_regularizer(args.regularizer)
-        self.regularizer = self._given_regularizer or build_weight_regularizer(self.regularizer_spec, args)
-        self.feature_regularizers = [FEATURE_REGULARIZERS[name].from_config(args)
-                                     for name in self.regularizer_spec.features]
-        self.penalty_log = PenaltyLog([f.name for f in self.feature_regularizers])
+    def _new_state(self, args: SPArguments) -> PenaltyState:
+        spec = parse_regularizer(args.regularizer)
+        features = [FEATURE_REGULARIZERS[name].from_config(args) for name in spec.features]
+        return PenaltyState(spec=spec, regularizer=self._given_regularizer or build_weight_regularizer(spec, args),
+                            features=features, log=PenaltyLog([f.name for f in features]))
+
+    def _build_regularizers(self, args: SPArguments) -> None:
+        old = self.sp
+        self.sp = self._new_state(args)
+        self.sp.reference, self.sp.new_tensors, self.sp.ready = old.reference, old.new_tensors, old.ready
+        self.sp.corrects_loss_normalisation = old.corrects_loss_normalisation
+        old.detach_optimizer_hook()
+
+    # The names users and the artefact side read; all of it lives in `self.sp`.
+    regularizer = property(lambda self: self.sp.regularizer)
+    regularizer_spec = property(lambda self: self.sp.spec)
+    feature_regularizers = property(lambda self: self.sp.features)
+    penalty_log = property(lambda self: self.sp.log)
+    sp_reference = property(lambda self: self.sp.reference)
+
+    # ---- loss normalisation -------------------------------------------------------------------------------------
+
+    def _fix_loss_normalisation(self, model: nn.Module) -> None:
+        """Keep Trainer's normalisation wherever the loss really uses `num_items_in_batch` (causal LMs, TRL's own
+        token losses); override it only for models that take `**kwargs` but compute a per-micro-batch mean.
+
+        transformers' CNN and BERT-style classifiers take `**kwargs`, so Trainer believes they divide by
+        `num_items_in_batch`, which they drop: it would then skip the 1/accumulation division and multiply by the
+        number of processes. For them we say the model does not accept loss kwargs: Trainer divides by the
+        accumulation steps and DDP/FSDP average over processes. A trainer subclass that computes its own loss (TRL)
+        decides for itself.
+        """
+        if not self.model_accepts_loss_kwargs or not _loss_comes_from_model(type(self)):
+            return
+        inner = unwrap_model(self.accelerator.unwrap_model(model))
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+        if loss_uses_num_items_in_batch(inner) is False:
+            self.model_accepts_loss_kwargs = False
+            self.sp.corrects_loss_normalisation = True
+
+    def _remove_unused_columns(self, dataset, description=None):
+        """Trainer's column removal, except for a dataset with a transform (`with_transform` / `set_transform`):
+        the transform reads the raw columns (an image column) that the model's signature does not name."""
+        if (dataset.format or {}).get("type") == "custom":
+            return dataset
+        return super()._remove_unused_columns(dataset, description)
 
     # ---- anchor -------------------------------------------------------------------------------------------------
 
     def _anchor(self, model: nn.Module, setup_penalties: bool = True) -> None:
         """Anchor `model`: its w0 (snapshot, `sp_reference` or the given Reference), then the penalties on it."""
         head_modules = self._head_modules(model)
+        new = self.sp.new_tensors = find_new_tensors(model, head_modules)
         if self._given_reference is not None:
-            self.sp_reference = self._given_reference
+            self.sp.reference = self._given_reference
         elif self.args.sp_reference:
-            self.sp_reference = Reference.from_checkpoint(self.args.sp_reference, model, head_modules,
-                                                          self.args.device, self.args.sp_reference_revision)
+            self.sp.reference = Reference.from_checkpoint(self.args.sp_reference, model, head_modules,
+                                                          self.args.device, self.args.sp_reference_revision,
+                                                          new_names=new.names)
         else:
-            self.sp_reference = Reference.snapshot(model, head_modules, self.args.device)
+            self.sp.reference = Reference.snapshot(model, head_modules, self.args.device, new_names=new.names)
         if setup_penalties:
             self._setup_penalties(model)
 
@@ -114,15 +161,17 @@ class PenaltyTrainer(Trainer):
         """Parameter sets and feature penalties (frozen source copies, layers, channel attention) for `model`."""
         self.refresh_sp_parameters()
         sets = self.sp_parameters(model)
-        if self.feature_regularizers:
-            context = FeatureContext(anchors=self.sp_reference.tensors, head_names=self.sp_reference.head_names,
+        check_something_is_anchored(model, sets, self.sp.regularizer, self.sp.spec, self.args.sp_include)
+        if self.sp.features:
+            context = FeatureContext(anchors=self.sp.reference.tensors, head_names=self.sp.reference.head_names,
                                      head_modules=self._head_modules(model), device=self.args.device,
                                      train_batches=self.get_train_dataloader)
-            for feature in self.feature_regularizers:
+            for feature in self.sp.features:
                 feature.setup(model, context)
         if hasattr(model, "add_model_tags"):
-            model.add_model_tags(self._tag_names + [f"regularizer:{self.regularizer_spec.label}"])
-        logger.info("hf_l2sp: %s on %s; anchor: %s", self.regularizer, sets.summary(), self.sp_reference.source)
+            model.add_model_tags(self._sp_tags + [f"regularizer:{self.sp.spec.label}"])
+        logger.info("hf_l2sp: %s on %s; anchor: %s; new: %s", self.sp.regularizer, sets.summary(),
+                    self.sp.reference.source, self.sp.new_tensors.describe() if self.sp.new_tensors else "-")
 
     def _head_modules(self, model: nn.Module) -> list[str]:
         head_modules = parse_head_option(self.args.sp_head)
@@ -134,7 +183,8 @@ class PenaltyTrainer(Trainer):
     def call_model_init(self, trial=None):
         """Each model from `model_init` (every `hyperparameter_search` trial) is anchored to its own weights."""
         model = super().call_model_init(trial)
-        if self._sp_ready:  # during Trainer.__init__ the model is anchored once __init__ has the rest
+        if self.sp.ready:  # during Trainer.__init__ the model is anchored once __init__ has the rest
+            self._fix_loss_normalisation(model)
             # A search trial's sp_* values arrive in _hp_search_setup, which Trainer calls right after this: the
             # penalties are set up there, once, with the trial's values.
             self._anchor(model, setup_penalties=trial is None or self.hp_search_backend is None)
@@ -145,7 +195,6 @@ class PenaltyTrainer(Trainer):
         super()._hp_search_setup(trial)
         if trial is not None and self.hp_search_backend is not None:
             self._build_regularizers(self.args)
-            self._detach_optimizer_side()
             if self.model is not None:
                 self._setup_penalties(self.model)
 
@@ -158,20 +207,20 @@ class PenaltyTrainer(Trainer):
         freeing the full copy. Call `refresh_sp_parameters()` after changing which parameters require grad.
         """
         model = model if model is not None else self.model
-        key = tuple(id(p) for p in model.parameters())
-        if self._sp_params is not None and self._sp_params_key != key and self._sp_params.sharded \
-                and fsdp_unsharded_now(model):
-            return self._sp_params  # FSDP2 between a unit's forward and backward: the shards are still these
-        if self._sp_params is None or self._sp_params_key != key:
-            self.sp_reference.shard_like(model)  # FSDP2: keep only this process's shard of w0
-            self._sp_params = resolve_parameters(model, self.sp_reference.tensors, self.args.sp_include)
-            self._sp_params_key = key
-            self.regularizer.prepare(self._sp_params)
-            self._detach_optimizer_side()  # the optimizer-side hook must see the new parameters
-        return self._sp_params
+        state = self.sp
+        if state.parameters_are_for(model):
+            return state.parameters
+        if state.parameters is not None and state.parameters.sharded and fsdp_unsharded_now(model):
+            return state.parameters  # FSDP2 between a unit's forward and backward: the shards are still these
+        state.reference.shard_like(model)  # FSDP2: keep only this process's shard of w0
+        state.parameters = resolve_parameters(model, state.reference.tensors, self.args.sp_include)
+        state.parameters_key = tuple(id(p) for p in model.parameters())
+        state.regularizer.prepare(state.parameters)
+        state.detach_optimizer_hook()  # the optimizer-side hook must see the new parameters
+        return state.parameters
 
     def refresh_sp_parameters(self) -> None:
-        self._sp_params = None
+        self.sp.parameters = None
 
     # ---- loss ---------------------------------------------------------------------------------------------------
 
@@ -182,31 +231,36 @@ class PenaltyTrainer(Trainer):
             # Before the forward: under FSDP2 every parameter is then its shard (the root unit stays unsharded
             # from its forward until its backward), so Omega's gradient lands on the shards it belongs to.
             with torch.autocast(device_type=self.args.device.type, enabled=False):
-                terms = self.regularizer(self.sp_parameters(model))
-        features = self.feature_regularizers if training else []
+                terms = self.sp.regularizer(self.sp_parameters(model))
+        features = self.sp.features if training else []
         with contextlib.ExitStack() as hooks:  # feature hooks live only around the training forward
             for feature in features:
                 hooks.enter_context(feature.capture(model))
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            # return_outputs passed through: a subclass may pay an extra forward for outputs (TRL's SFTTrainer).
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
         if training:
             step = self.state.global_step + 1
             with torch.autocast(device_type=self.args.device.type, enabled=False):
                 parts = {f.name: f.penalty(inputs) * self._feature_scale(f) for f in features}
-            self.penalty_log.add_batch_terms(loss, parts, step)
+            scale = self._penalty_scale(num_items_in_batch)
+            # A token loss already divided by the window's token count is a part of the step's loss: log it as the
+            # window's (the log averages micro-batches, as it does the per-micro-batch means of other models).
+            self.sp.log.add_batch_terms(loss / scale, parts, step)
             penalty = sum((p.to(loss.device) for p in parts.values()), torch.zeros((), device=loss.device))
             if terms is not None:
-                self.penalty_log.add_weight_terms(terms, step)
+                self.sp.log.add_weight_terms(terms, step)
                 penalty = penalty + self._whole_value(terms.penalty).to(loss.device)
             else:  # 'grad' / 'decoupled': the optimizer side applies the weight penalty (optimizer_side.py)
                 self._attach_optimizer_side(model)
-            loss = loss + penalty * self._penalty_scale(num_items_in_batch)
+            loss = loss + penalty * scale
         return (loss, outputs) if return_outputs else loss
 
     def _whole_value(self, penalty: Tensor) -> Tensor:
         """Under FSDP2 each process's Omega covers its shards only: give the returned loss the value of the whole
         Omega (so Trainer's `loss` log counts it once) while the gradient stays that of the local part."""
-        if not self._sp_params.sharded:
+        if not self.sp.parameters.sharded:
             return penalty
         total = penalty.detach().clone()
         torch.distributed.all_reduce(total)
@@ -224,28 +278,25 @@ class PenaltyTrainer(Trainer):
         """sp_mode 'grad'/'decoupled': hook the torch optimizer (inside accelerate's wrapper) once."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer -> torch optimizer
         sets = self.sp_parameters(model)  # may detach a stale hook (parameters swapped in place)
-        if self._sp_side is not None and self._sp_side[0] is optimizer:
+        hook = self.sp.optimizer_hook
+        if hook is not None and hook.optimizer is optimizer:
             return
-        self._detach_optimizer_side()
-        side = OptimizerSidePenalty(self.args.sp_mode, self.regularizer.quadratic_form(), sets,
+        self.sp.detach_optimizer_hook()
+        side = OptimizerSidePenalty(self.args.sp_mode, self.sp.regularizer.quadratic_form(), sets,
                                     on_terms=self._record_side_terms, step_key=lambda: self.state.global_step)
-        self._sp_side = (optimizer, side, side.attach(optimizer))
-
-    def _detach_optimizer_side(self) -> None:
-        if getattr(self, "_sp_side", None) is not None:
-            self._sp_side[2].remove()
-            self._sp_side = None
+        self.sp.optimizer_hook = OptimizerHook(optimizer, side, side.attach(optimizer))
 
     def _record_side_terms(self, terms: PenaltyTerms) -> None:
-        self.penalty_log.add_weight_terms(terms, self.state.global_step + 1)
+        self.sp.log.add_weight_terms(terms, self.state.global_step + 1)
 
     def _add_penalty_gradient(self) -> None:
         """sp_mode 'grad': add Omega's gradient before Trainer clips or measures the gradients, as 'loss' has it."""
-        if self._sp_side is None or self.args.sp_mode != "grad":
+        hook = self.sp.optimizer_hook
+        if hook is None or self.args.sp_mode != "grad":
             return
         scaler = getattr(self.accelerator, "scaler", None)  # fp16: the gradients still carry the loss scale here
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self._sp_side[1].add_gradient(self._sp_side[0], scale)
+        hook.side.add_gradient(hook.optimizer, scale)
 
     def _clip_grad_norm(self, model):
         self._add_penalty_gradient()
@@ -274,27 +325,27 @@ class PenaltyTrainer(Trainer):
     # ---- logging and safety -------------------------------------------------------------------------------------
 
     def _check_penalty_finite(self) -> None:
-        if (step := self.penalty_log.first_bad_step()) is not None:
+        if (step := self.sp.log.first_bad_step()) is not None:
             raise FloatingPointError(
-                f"The {self.regularizer_spec.label} penalty became NaN/inf at optimizer step {step} "
-                f"({self.regularizer}). Training stopped before anything else was saved; lower the learning rate or "
+                f"The {self.sp.spec.label} penalty became NaN/inf at optimizer step {step} "
+                f"({self.sp.regularizer}). Training stopped before anything else was saved; lower the learning rate or "
                 "sp_alpha, or check the inputs of that step."
             )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if not self.penalty_log.empty and "loss" in logs:  # a training log: flush the window's averages
+        if not self.sp.log.empty and "loss" in logs:  # a training log: flush the window's averages
             self._check_penalty_finite()
-            sharded = self._sp_params is not None and self._sp_params.sharded
-            logs.update(self.penalty_log.flush(weights_sharded=sharded))
+            sharded = self.sp.parameters is not None and self.sp.parameters.sharded
+            logs.update(self.sp.log.flush(weights_sharded=sharded))
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
         self._check_penalty_finite()
         result = super()._save_checkpoint(model, trial)
-        anchors = self.sp_reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
+        anchors = self.sp.reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
         if self.args.should_save:  # after weights, optimizer, scheduler, RNG and state: the anchor, then the marker
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            save_anchor(self.sp_reference, folder, anchors)
+            save_anchor(self.sp.reference, folder, anchors)
             self.save_feature_state(folder)
             mark_complete(folder, self.state.global_step)
         return result
@@ -311,41 +362,13 @@ class PenaltyTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _restore_anchor(self, checkpoint: str) -> None:
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
-        if not is_complete(checkpoint):
-            last = last_complete_checkpoint(Path(checkpoint).parent)
-            raise ValueError(f"Checkpoint {checkpoint!r} was not completely written (interrupted while saving?); "
-                             f"it cannot be resumed from. Last complete checkpoint: {last or 'none'}.")
-        stored = load_anchor(checkpoint, self.args.device)
-        problems = compare_anchors(stored, self.sp_reference)
-        if problems:
-            raise ValueError(f"Cannot resume from {checkpoint!r}: the model does not match the anchor stored there ("
-                             + "; ".join(problems) + "). Resume with the model and regularizer the run started with.")
-        if stored.fingerprint() != self.sp_reference.fingerprint():
-            if self.args.sp_reference or self._given_reference is not None:
-                raise ValueError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
-                                 f"({self._anchor_description()}). Resuming must keep the anchor the run started "
-                                 "with; remove sp_reference or point it at the original checkpoint.")
-            logger.warning("hf_l2sp: the weights at construction differ from the anchor stored in %s; using the "
-                           "stored anchor (resuming never re-anchors).", checkpoint)
-        stored.head_names = self.sp_reference.head_names
-        self.sp_reference = stored
+        fixed = bool(self.args.sp_reference) or self._given_reference is not None
+        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description())
+        check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
+        self.sp.reference = stored
         self.refresh_sp_parameters()
-        self._check_fisher_unchanged(checkpoint)
-        for feature in self.feature_regularizers:  # e.g. DELTA's channel attention: the run's, not a recomputed one
+        for feature in self.sp.features:  # e.g. DELTA's channel attention: the run's, not a recomputed one
             feature.load_state(checkpoint)
-
-    def _check_fisher_unchanged(self, checkpoint: str) -> None:
-        fisher = getattr(self.regularizer, "fisher", None)
-        stored = Path(checkpoint) / "fisher.safetensors"
-        if fisher is None or not stored.is_file():
-            return
-        saved = load_fisher(str(stored))
-        if saved.tensors.keys() != fisher.tensors.keys() or any(
-                not torch.equal(saved.tensors[k], fisher.tensors[k].cpu()) for k in saved.tensors):
-            raise ValueError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({self.args.sp_fisher})"
-                             " differs from the one the run used (stored in the checkpoint).")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         self._check_penalty_finite()
@@ -353,7 +376,7 @@ class PenaltyTrainer(Trainer):
 
     def save_feature_state(self, folder: str | Path) -> None:
         """What the feature penalties need to resume or to be reused (e.g. DELTA's channel attention)."""
-        for feature in self.feature_regularizers:
+        for feature in self.sp.features:
             for name, tensors in feature.state_files().items():
                 save_file(tensors, str(Path(folder) / name))
 

@@ -1,0 +1,57 @@
+"""Everything SPTrainer holds about the penalty, in one place.
+
+`PenaltyState` is what the trainer knows between steps: the regularizers built from the config, the anchor w0 and
+which tensors are new, the parameter sets resolved on the live model, the optimizer hook of `sp_mode` 'grad' /
+'decoupled', the log, and whether the trainer corrects Trainer's loss normalisation for this model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..anchor.parameters import SPParameters
+from ..anchor.reference import Reference
+from ..loading.new_tensors import NewTensors
+from ..penalties import Regularizer
+from ..penalties.feature import FeatureRegularizer
+from ..penalties.spec import RegularizerSpec
+from .optimizer_side import OptimizerSidePenalty
+from .penalty_log import PenaltyLog
+
+
+@dataclass
+class OptimizerHook:
+    """sp_mode 'grad' / 'decoupled': the torch optimizer (inside accelerate's wrapper), what it applies, the hook."""
+
+    optimizer: object
+    side: OptimizerSidePenalty
+    handle: object
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class PenaltyState:
+    spec: RegularizerSpec
+    regularizer: Regularizer
+    features: list[FeatureRegularizer]
+    log: PenaltyLog
+    reference: Reference | None = None
+    new_tensors: NewTensors | None = None
+    parameters: SPParameters | None = None
+    parameters_key: tuple[int, ...] | None = None  # ids of the model's parameters the sets were resolved on
+    optimizer_hook: OptimizerHook | None = None
+    #: True when the model's loss is a per-micro-batch mean although Trainer would count on num_items_in_batch.
+    corrects_loss_normalisation: bool = False
+    ready: bool = field(default=False)  # set once Trainer.__init__ has finished (model_init may call back earlier)
+
+    def parameters_are_for(self, model: nn.Module) -> bool:
+        return self.parameters is not None and self.parameters_key == tuple(id(p) for p in model.parameters())
+
+    def detach_optimizer_hook(self) -> None:
+        if self.optimizer_hook is not None:
+            self.optimizer_hook.remove()
+            self.optimizer_hook = None
