@@ -61,7 +61,7 @@ def test_card_holds_formula_coefficients_metrics_citation_and_no_secrets(tmp_pat
     out = tmp_path / "secret-machine-dir" / "out"
     text = (out / "README.md").read_text()
     for expected in ("Omega(w) = alpha/2 * ||w_S - w0_S||^2 + beta/2 * ||w_new||^2", "| alpha (pretrained tensors S) "
-                     "| 0.05 |", "| beta (new head) | 0.01 |", "conv and linear weights only",
+                     "| 0.05 |", "| beta (new tensors) | 0.01 |", "conv, linear and embedding layers only",
                      "loaded from local folder 'model'", "| test | accuracy |", "| validation | accuracy |",
                      "@inproceedings{li2018explicit", "- transformers ", "- timm ", "drift.png", "| max_steps | `2` |",
                      'timm.create_model("local-dir:out"'):

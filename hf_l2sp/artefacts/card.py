@@ -76,8 +76,9 @@ def results_from_metrics(metrics: dict[str, float]) -> list[dict]:
 def render_model_card(facts: dict[str, Any]) -> ModelCard:
     """Pure: a `huggingface_hub.ModelCard` from plain facts (see `card_facts`)."""
     dataset_id = facts.get("dataset_id")
+    task = facts.get("task")
     eval_results = [
-        EvalResult(task_type="image-classification", task_name="Image Classification",
+        EvalResult(task_type=task or "other", task_name=facts["task_text"].title(),
                    dataset_type=dataset_id or "custom", dataset_name=facts["dataset_display"],
                    dataset_split=row["split"], metric_type=row["metric"], metric_name=row["metric"],
                    metric_value=round(row["value"], 6))
@@ -85,11 +86,11 @@ def render_model_card(facts: dict[str, Any]) -> ModelCard:
     ]
     card_data = ModelCardData(
         library_name="timm" if facts["is_timm"] else "transformers",
-        pipeline_tag="image-classification",
+        pipeline_tag=task,
         base_model=facts.get("base_model_id"),
         datasets=[dataset_id] if dataset_id else None,
         tags=["hf_l2sp", "transfer-learning", *(f"regularizer:{p}" for p in facts["regularizer_name"].split("+")),
-              "image-classification",
+              *([task] if task else []),
               *(["timm"] if facts["is_timm"] else [])],
         model_name=facts["model_name"],
         eval_results=eval_results or None,
@@ -101,7 +102,8 @@ def render_model_card(facts: dict[str, Any]) -> ModelCard:
 def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[str, int], include: str,
                anchor_source: str, base_model: str | None, base_revision: str | None, is_timm: bool,
                data: dict | None, metrics: dict[str, float], drift: dict | None, hyperparameters: dict,
-               fisher_source: str | None = None, features=(), label: str | None = None) -> dict[str, Any]:
+               fisher_source: str | None = None, features=(), label: str | None = None,
+               task: str | None = "image-classification", new_tensors: str | None = None) -> dict[str, Any]:
     """Everything the template needs, as plain JSON-able values with machine-specific details removed."""
     data = data or {}
     dataset = data.get("dataset")
@@ -122,7 +124,7 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
         "dataset_display": public_name(dataset) or "a user-provided dataset",
         "dataset_config": data.get("config"),
         "dataset_revision": data.get("revision"),
-        "splits": data.get("splits", {"train": "?", "validation": "?", "test": None}),
+        "splits": data.get("splits"),  # None: datasets handed to the trainer, not loaded by name
         "num_examples": data.get("num_examples", {}),
         "num_classes": data.get("num_classes", "?"),
         "samples_per_class": data.get("max_train_samples_per_class"),
@@ -133,8 +135,12 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
                                                               if k != "name")} for f in features],
         "alpha": regularizer.alpha,
         "beta": regularizer.beta,
-        "include_text": "conv and linear weights only (BatchNorm and biases free, as in the paper)"
-        if include == "weights" else "every trainable tensor",
+        "include_text": "weight matrices of conv, linear and embedding layers only (norm layers and biases free, "
+                        "as in the paper)" if include == "weights" else "every trainable tensor",
+        "task": task,
+        "task_text": (task or "a new task").replace("-", " "),
+        "is_image": task == "image-classification",
+        "new_tensors": new_tensors,
         "anchor_source": anchor_source,
         "fisher_source": public_name(fisher_source),
         **sp_summary,

@@ -1,8 +1,8 @@
 """How far the fine-tuned backbone moved from its starting point, per layer and per stage (the paper's analysis).
 
 For every anchored tensor: distance ||w - w0||_2, reference norm ||w0||_2 and relative distance ||w - w0|| / ||w0||.
-Stages come from `stages.stage_modules` (timm's `feature_info`, or a transformers CNN's `encoder.stages`);
-tensors before the first stage are `stem`, after the last `head`. Stage and total distances are Euclidean over
+Stages come from `stages.stage_modules` (timm's `feature_info`, or a transformers CNN's `encoder.stages`), else the
+model's repeated blocks (a transformer's layers); tensors before the first stage are `stem`, after the last `head`. Stage and total distances are Euclidean over
 their tensors.
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..loading.model_parts import canonical_name, unwrap_model
-from ..loading.stages import stage_modules
+from ..loading.stages import block_modules, stage_modules
 
 logger = logging.getLogger(__name__)
 DRIFT_JSON = "drift.json"
@@ -31,7 +31,7 @@ def compute_drift(model: nn.Module, reference: dict[str, Tensor], penalised: set
     `values` (canonical name -> tensor) replaces the model's own parameters, e.g. the full state dict gathered from
     FSDP2 shards; names missing from it are skipped.
     """
-    stage_of = _StageTracker(stage_modules(model))
+    stage_of = _StageTracker(stage_modules(model) or block_modules(model))
     layers, stage_sums = [], {}
     with torch.no_grad():
         for depth, (name, param) in enumerate(

@@ -26,3 +26,19 @@ def stage_modules(model: nn.Module) -> list[str]:
     if isinstance(stages, nn.ModuleList) and len(stages):
         return [f"{base}.encoder.stages.{i}" for i in range(len(stages))]
     return []
+
+
+def block_modules(model: nn.Module) -> list[str]:
+    """The repeated blocks of a model without stages (a transformer's layers: BERT's `encoder.layer`, GPT-2's
+    `transformer.h`, Llama's `model.layers`): the elements of the list of same-class modules holding the most
+    parameters. For the drift report, where they play the part of stages ([] when there is no such list)."""
+    inner = unwrap_model(model)
+    best, best_size = [], 0
+    for name, module in inner.named_modules():
+        children = list(module.children()) if isinstance(module, nn.ModuleList) else []
+        if not children or len({type(c) for c in children}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = [f"{name}.{i}" for i in range(len(children))], size
+    return best
