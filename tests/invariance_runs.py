@@ -30,7 +30,10 @@ from hf_l2sp import Reference, SPConfig, SPTrainer
 from hf_l2sp.anchor.fisher_io import FisherDiagonal, save_fisher
 from hf_l2sp.loading.model_parts import base_prefix, checkpoint_key, find_head_modules
 
-MODELS = ("timm_convnext", "native_resnet", "native_convnext")
+MODELS = ("timm_convnext", "native_resnet", "native_convnext", "gpt2_lm")
+#: Models with a token-level loss (Trainer's num_items_in_batch normalisation) and padded sequences; FSDP2 is left to
+#: the image models (GPT-2 ties its LM head to the embedding, which the harness's per-layer sharding does not cover).
+TOKEN_MODELS = ("gpt2_lm",)
 REGULARIZERS = ("l2_sp", "l1_sp", "group_lasso_sp", "l2_sp_fisher", "l2_sp+delta")
 QUADRATIC = ("l2_sp", "l2_sp_fisher")  # those sp_mode='grad' applies to
 SETUPS = ("base", "ga2", "grad", "ddp", "fsdp2")
@@ -53,6 +56,12 @@ def build_model(kind: str) -> nn.Module:
         model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                           **common))
         return _without_batchnorm(model)
+    if kind == "gpt2_lm":  # transformers Conv1D layers, a tied LM head, a loss over the window's tokens
+        from transformers import GPT2LMHeadModel
+
+        from .text_models import gpt2_config
+
+        return GPT2LMHeadModel(gpt2_config())
     if kind == "native_convnext":
         from transformers import ConvNextConfig, ConvNextForImageClassification
 
@@ -75,6 +84,21 @@ def images(indices: list[int]) -> Dataset:
     pixels = rng.standard_normal((4, 3, SIZE, SIZE)).astype("float32")
     labels = np.array([0, 1, 2, 1], dtype="int64")
     return Dataset.from_dict({"pixel_values": pixels[indices], "labels": labels[indices]}).with_format("torch")
+
+
+def training_data(kind: str, indices: list[int]) -> Dataset:
+    if kind in TOKEN_MODELS:  # sequences of 8, 2, 3 and 8 tokens padded to 8, labels -100 on the pads
+        from .text_models import padded_lm_batch
+
+        return padded_lm_batch().select(indices)
+    return images(indices)
+
+
+def combinations(setup: str) -> list[tuple[str, str]]:
+    """(model, regularizer) pairs a set-up runs: DELTA needs image stages, FSDP2 here covers the image models."""
+    regularizers = QUADRATIC if setup == "grad" else REGULARIZERS
+    return [(m, r) for m in MODELS for r in regularizers
+            if not (m in TOKEN_MODELS and ("delta" in r or setup == "fsdp2"))]
 
 
 def perturbed_reference(model: nn.Module):
@@ -111,7 +135,7 @@ def run_one(model_kind: str, regularizer: str, setup: str, workdir: Path, rank: 
         sp_mode="grad" if setup == "grad" else "loss", sp_delta_alpha=0.05, sp_delta_attention="uniform",
         sp_fisher=fisher_file(model, reference, folder) if regularizer == "l2_sp_fisher" else None,
     )
-    data = images([2 * rank, 2 * rank + 1] if sharded else [0, 1, 2, 3])
+    data = training_data(model_kind, [2 * rank, 2 * rank + 1] if sharded else [0, 1, 2, 3])
     trainer_class = ShardingSPTrainer if sharded else SPTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=data, reference=reference)
     trainer.train()
@@ -152,11 +176,9 @@ def main(setup: str, out: str) -> None:
     elif setup == "ddp":
         rank = int(os.environ.get("RANK", 0))
     results = {}
-    regularizers = QUADRATIC if setup == "grad" else REGULARIZERS
     with tempfile.TemporaryDirectory() as tmp:
-        for model_kind in MODELS:
-            for regularizer in regularizers:
-                results[(model_kind, regularizer)] = run_one(model_kind, regularizer, setup, Path(tmp), rank, world)
+        for model_kind, regularizer in combinations(setup):
+            results[(model_kind, regularizer)] = run_one(model_kind, regularizer, setup, Path(tmp), rank, world)
     if rank == 0:
         torch.save(results, out)
     if setup == "fsdp2":
