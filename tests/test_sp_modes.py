@@ -89,3 +89,18 @@ def test_torch_compile_equals_eager(tmp_path, sp_mode):
     _, eager = run(tmp_path, "eager", sp_mode=sp_mode, max_steps=2)
     trainer, compiled = run(tmp_path, "compiled", sp_mode=sp_mode, max_steps=2, torch_compile=True)
     assert_same(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_grad_mode_logs_loss_as_task_loss_plus_penalty(tmp_path, logging_steps):
+    """In sp_mode 'grad' Omega is applied in the optimizer step, outside the returned loss; the logs still read
+    loss = sp/task_loss + sp/penalty, equal to the loss path's, and so does the final train_loss (issue 22b)."""
+    runs = {mode: run(tmp_path, mode, sp_mode=mode, logging_steps=logging_steps)[0] for mode in ("loss", "grad")}
+    logs = {mode: [log for log in t.state.log_history if "sp/penalty" in log] for mode, t in runs.items()}
+    assert len(logs["grad"]) == len(logs["loss"]) >= 1
+    for got, want in zip(logs["grad"], logs["loss"]):
+        assert got["loss"] == pytest.approx(got["sp/task_loss"] + got["sp/penalty"], rel=1e-6)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    final = {mode: next(log["train_loss"] for log in t.state.log_history if "train_loss" in log)
+             for mode, t in runs.items()}
+    assert final["grad"] == pytest.approx(final["loss"], rel=1e-5)

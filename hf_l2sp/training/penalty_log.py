@@ -35,6 +35,11 @@ class PenaltyLog:
         self._batch_count = 0
 
     @property
+    def weight_evaluations(self) -> int:
+        """Evaluations of the weight regularizer in the window (one per optimizer step on the optimizer side)."""
+        return self._weight_count
+
+    @property
     def empty(self) -> bool:
         return not (self._weight_count or self._batch_count)
 

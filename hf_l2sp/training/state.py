@@ -46,6 +46,9 @@ class PenaltyState:
     optimizer_hook: OptimizerHook | None = None
     #: True when the model's loss is a per-micro-batch mean although Trainer would count on num_items_in_batch.
     corrects_loss_normalisation: bool = False
+    #: sp_mode 'grad'/'decoupled': sum over the run's optimizer steps of Omega (for the final train_loss).
+    side_penalty_total: float = 0.0
+    side_penalty_steps: int = 0
     ready: bool = field(default=False)  # set once Trainer.__init__ has finished (model_init may call back earlier)
 
     def parameters_are_for(self, model: nn.Module) -> bool:

@@ -38,6 +38,7 @@ from .config import SPArguments, SPConfig
 from .optimizer_side import OptimizerSidePenalty
 from .penalty_log import PenaltyLog
 from .state import OptimizerHook, PenaltyState
+from .compat import check_trainer_hooks
 from .topology import check_supported
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class PenaltyMixin:
 
     def __init__(self, *trainer_args, regularizer: Regularizer | None = None, reference: Reference | None = None,
                  **trainer_kwargs):
+        check_trainer_hooks(type(self))  # before anything else: a renamed hook must stop here, loudly
         # The trainer's own signature decides what each argument is: TRL's DPOTrainer takes ref_model second.
         bound = inspect.signature(super().__init__).bind_partial(*trainer_args, **trainer_kwargs)
         args = bound.arguments.get("args")
@@ -272,7 +274,7 @@ class PenaltyMixin:
         if not feature.batch_sum:
             return 1.0
         processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        return float(getattr(self, "current_gradient_accumulation_steps", 1) * processes)
+        return float(self.current_gradient_accumulation_steps * processes)
 
     def _attach_optimizer_side(self, model) -> None:
         """sp_mode 'grad'/'decoupled': hook the torch optimizer (inside accelerate's wrapper) once."""
@@ -294,7 +296,7 @@ class PenaltyMixin:
         hook = self.sp.optimizer_hook
         if hook is None or self.args.sp_mode != "grad":
             return
-        scaler = getattr(self.accelerator, "scaler", None)  # fp16: the gradients still carry the loss scale here
+        scaler = self.accelerator.scaler  # None unless fp16, where the gradients still carry the loss scale here
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         hook.side.add_gradient(hook.optimizer, scale)
 
@@ -320,7 +322,7 @@ class PenaltyMixin:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
             )
-        return 1.0 / getattr(self, "current_gradient_accumulation_steps", 1) if scaled else 1.0
+        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
 
     # ---- logging and safety -------------------------------------------------------------------------------------
 
@@ -333,10 +335,24 @@ class PenaltyMixin:
             )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        side = self.args.sp_mode != "loss"  # 'grad'/'decoupled': Omega is applied outside the returned loss
         if not self.sp.log.empty and "loss" in logs:  # a training log: flush the window's averages
             self._check_penalty_finite()
             sharded = self.sp.parameters is not None and self.sp.parameters.sharded
-            logs.update(self.sp.log.flush(weights_sharded=sharded))
+            steps = self.sp.log.weight_evaluations  # one per optimizer step on the optimizer side
+            parts = self.sp.log.flush(weights_sharded=sharded)
+            if side:  # so that 'loss' = sp/task_loss + sp/penalty here too
+                logs["loss"] += parts["sp/penalty"]
+                self.sp.side_penalty_total += parts["sp/penalty"] * steps
+                self.sp.side_penalty_steps += steps
+            logs.update(parts)
+        if side and "train_loss" in logs:  # Trainer's mean loss over this train() call's steps: add Omega's mean
+            steps = self.sp.log.weight_evaluations  # steps after the last log, still in the window
+            if steps:
+                sharded = self.sp.parameters is not None and self.sp.parameters.sharded
+                self.sp.side_penalty_total += self.sp.log.flush(weights_sharded=sharded)["sp/penalty"] * steps
+                self.sp.side_penalty_steps += steps
+            logs["train_loss"] += self.sp.side_penalty_total / max(self.sp.side_penalty_steps, 1)
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
@@ -359,7 +375,10 @@ class PenaltyMixin:
                                  "written checkpoint-N folder.")
         if resume_from_checkpoint:
             self._restore_anchor(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self.sp.side_penalty_total, self.sp.side_penalty_steps = 0.0, 0
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # sp_mode 'grad'/'decoupled': the final train_loss was logged with Omega added (log); return the same.
+        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
     def _restore_anchor(self, checkpoint: str) -> None:
         fixed = bool(self.args.sp_reference) or self._given_reference is not None

@@ -1,0 +1,47 @@
+"""The parts of `transformers.Trainer` (several of them private) that SPTrainer's maths relies on, checked when a
+trainer is built: a rename upstream must stop the run with a clear error, never change the result silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from transformers import Trainer
+
+#: The oldest transformers release the whole test suite passed on (pyproject declares the same floor).
+TRANSFORMERS_FLOOR = "5.24.0"
+
+#: Trainer members SPTrainer overrides or reads, and what would silently change without them.
+TRAINER_HOOKS = {
+    "compute_loss": "Omega is added to the loss there",
+    "_clip_grad_norm": "sp_mode='grad' adds its gradient there, before clipping",
+    "_get_grad_norm": "sp_mode='grad' adds its gradient there when gradients are not clipped",
+    "_hp_search_setup": "a search trial's sp_* values rebuild the penalty there",
+    "call_model_init": "each model_init model is anchored there",
+    "_save_checkpoint": "the anchor and the completion marker are written there",
+    "_save": "the weights timm loads are written there",
+    "save_model": "the final artefacts (card, drift) are written there",
+    "_remove_unused_columns": "datasets with a transform keep their columns there",
+    "_get_output_dir": "names the checkpoint folder the anchor goes into",
+    "loss_is_scaled_for_ga": "says whether Trainer divides the loss by the accumulation steps",
+}
+#: Parameters the overrides pass on.
+TRAINER_PARAMETERS = {"compute_loss": "num_items_in_batch", "save_model": "_internal_call",
+                      "_get_grad_norm": "grad_norm"}
+
+
+def check_trainer_hooks(trainer_class: type = Trainer) -> None:
+    """Raise naming every member of `trainer_class` that SPTrainer relies on and that is missing."""
+    problems = [f"{name} ({why})" for name, why in TRAINER_HOOKS.items() if not hasattr(trainer_class, name)]
+    for name, parameter in TRAINER_PARAMETERS.items():
+        method = getattr(trainer_class, name, None)
+        if method is not None and parameter not in inspect.signature(method).parameters:
+            problems.append(f"{name}(..., {parameter}=...)")
+    if problems:
+        import transformers
+
+        raise RuntimeError(
+            f"hf_l2sp's SPTrainer needs transformers >= {TRANSFORMERS_FLOOR}; the installed transformers "
+            f"{transformers.__version__} lacks: {'; '.join(problems)}. Install a supported version: "
+            f"pip install 'transformers>={TRANSFORMERS_FLOOR},<6'."
+        )
