@@ -264,3 +264,32 @@ def test_resume_restores_the_stored_anchor_and_refuses_mismatches(tmp_path):
     with pytest.raises(ValueError, match="was not completely written"):
         SPTrainer(model=timm_classifier(), args=sp_config(tmp_path, max_steps=3),
                   train_dataset=tensor_dataset(8)).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_resume_with_a_model_reloaded_from_the_checkpoint_keeps_the_base_model_and_refuses_another(tmp_path):
+    """Issue 22 (a) and (i): a model loaded from checkpoint-2 resumes with the original anchor, and the card and
+    sp_config.json still name the original base model; another model of the same architecture is refused."""
+    import json
+
+    from transformers import AutoModelForImageClassification
+
+    model = timm_classifier()
+    model.config._name_or_path = "acme/base-cnn"  # as if loaded from the Hub
+    args = sp_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    SPTrainer(model=model, args=args, train_dataset=tensor_dataset(8)).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+
+    reloaded = AutoModelForImageClassification.from_pretrained(checkpoint)
+    assert "checkpoint-2" in reloaded.config._name_or_path
+    resumed = SPTrainer(model=reloaded, args=sp_config(tmp_path, max_steps=3), train_dataset=tensor_dataset(8))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    resumed.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    provenance = json.loads((tmp_path / "out" / "sp_config.json").read_text())
+    assert "base_model: acme/base-cnn" in card and "checkpoint-2" not in card
+    assert provenance["anchor"]["source"] == "the pretrained weights of acme/base-cnn, copied when training started"
+
+    other = timm_classifier(seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match="holds neither the run's pretrained weights .* nor this checkpoint's"):
+        SPTrainer(model=other, args=sp_config(tmp_path, max_steps=3),
+                  train_dataset=tensor_dataset(8)).train(resume_from_checkpoint=str(checkpoint))

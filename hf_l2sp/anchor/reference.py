@@ -30,6 +30,10 @@ class Reference:
     tensors: dict[str, Tensor]
     source: str
     head_names: list[str] = field(default_factory=list)
+    #: The model w0 comes from (`config._name_or_path` at the snapshot, or sp_reference): stays the same on resume.
+    base_model: str | None = None
+    #: Which tensors were new when w0 was taken, and why (for the card; kept across resumes like the anchor).
+    new_description: str | None = None
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -45,7 +49,8 @@ class Reference:
                 if cname not in heads:
                     tensors[cname] = param.detach().to(device=device or param.device, copy=True)
         name = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or type(model).__name__
-        return cls(tensors, source or f"snapshot of {name} when SPTrainer was built", sorted(heads))
+        base = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", None) or None
+        return cls(tensors, source or f"snapshot of {name} when SPTrainer was built", sorted(heads), base)
 
     @classmethod
     def from_checkpoint(cls, path_or_repo: str, model: nn.Module, head_modules: list[str],
@@ -95,7 +100,7 @@ class Reference:
                 + ". Point sp_reference at the checkpoint this model was initialised from."
             )
         source = path_or_repo + (f"@{revision}" if revision else "")
-        return cls(tensors, source, sorted(c for c, _ in params.values() if c not in tensors))
+        return cls(tensors, source, sorted(c for c, _ in params.values() if c not in tensors), path_or_repo)
 
     def fingerprint(self) -> str:
         """SHA-256 over names, shapes and bytes of the anchors (to verify an anchor restored later)."""

@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..utils.files import replacing, write_text_atomically
+from ..loading.model_parts import checkpoint_key
+from ..loading.weights import INDEX_FILES, WEIGHT_FILES
 from .fisher_io import FisherDiagonal, load_fisher
 from .reference import Reference
 
@@ -34,7 +36,9 @@ def save_anchor(reference: Reference, folder: str | os.PathLike, tensors: dict[s
     tensors = reference.tensors if tensors is None else tensors
     with replacing(Path(folder) / ANCHOR_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"fingerprint": reference.fingerprint(), "source": reference.source})
+                  metadata={"fingerprint": reference.fingerprint(), "source": reference.source,
+                            **({"base_model": reference.base_model} if reference.base_model else {}),
+                            **({"new_tensors": reference.new_description} if reference.new_description else {})})
 
 
 def mark_complete(folder: str | os.PathLike, step: int) -> None:
@@ -62,7 +66,8 @@ def load_anchor(folder: str | os.PathLike, device=None) -> Reference:
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
         tensors = {k: handle.get_tensor(k).to(device) for k in handle.keys()}
-    reference = Reference(tensors, metadata.get("source", f"anchor stored in {Path(folder).name}"))
+    reference = Reference(tensors, metadata.get("source", f"anchor stored in {Path(folder).name}"),
+                          base_model=metadata.get("base_model"), new_description=metadata.get("new_tensors"))
     if metadata.get("fingerprint") and reference.fingerprint() != metadata["fingerprint"]:
         raise ValueError(f"The anchor stored in {str(folder)!r} is corrupt (its fingerprint does not match its "
                          "content); resume from an earlier checkpoint.")
@@ -86,10 +91,12 @@ def compare_anchors(stored: Reference, current: Reference) -> list[str]:
     return problems
 
 
-def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, description: str) -> Reference:
+def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, description: str,
+                     prefix: str = "") -> Reference:
     """The anchor stored in `checkpoint`, checked against the one built now (`current`, whose new-tensor names it
-    keeps). `fixed`: the anchor was given (sp_reference or a Reference), so a different stored anchor is an error;
-    otherwise the model may hold fine-tuned weights by now and the stored anchor wins."""
+    keeps). `fixed`: the anchor was given (sp_reference or a Reference), so a different stored anchor is an error.
+    Otherwise the model must hold either w0 itself or the checkpoint's own weights (a model reloaded from it):
+    any other weights are another model, refused. `prefix` is the model's base-model prefix (checkpoint keys)."""
     if not Path(checkpoint).is_dir():
         raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
     if not is_complete(checkpoint):
@@ -106,8 +113,12 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, d
             raise ValueError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
                              f"({description}). Resuming must keep the anchor the run started "
                              "with; remove sp_reference or point it at the original checkpoint.")
-        logger.warning("hf_l2sp: the weights at construction differ from the anchor stored in %s; using the "
-                       "stored anchor (resuming never re-anchors).", checkpoint)
+        if not holds_checkpoint_weights(checkpoint, current, prefix):
+            raise ValueError(f"Cannot resume from {checkpoint!r}: the model given now holds neither the run's "
+                             "pretrained weights (its stored anchor w0) nor this checkpoint's weights: it is another "
+                             "model of the same shape. Resume with the model the run started from.")
+        logger.info("hf_l2sp: the model holds %s's weights; the anchor is the stored w0 (resuming never "
+                    "re-anchors).", checkpoint)
     stored.head_names = current.head_names
     return stored
 
@@ -122,3 +133,28 @@ def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given
             not torch.equal(saved.tensors[k], fisher.tensors[k].cpu()) for k in saved.tensors):
         raise ValueError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({given})"
                          " differs from the one the run used (stored in the checkpoint).")
+
+
+def holds_checkpoint_weights(checkpoint: str, current: Reference, prefix: str) -> bool:
+    """True when every tensor of `current` (the model's weights at construction) equals the checkpoint's saved
+    weight of the same key. Read tensor by tensor from the safetensors files; False when there are none."""
+    folder = Path(checkpoint)
+    index = next((folder / n for n in INDEX_FILES if n.endswith(".json") and (folder / n).is_file()), None)
+    if index is not None:
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
+    files = [f for f in files if f.suffix == ".safetensors"]
+    wanted = {checkpoint_key(name, prefix): tensor for name, tensor in current.tensors.items()}
+    seen = set()
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                ours = wanted.get(checkpoint_key(key, prefix))
+                if ours is None:
+                    continue
+                saved = handle.get_tensor(key)
+                if saved.shape != ours.shape or not torch.equal(saved.to(ours.dtype), ours.detach().cpu()):
+                    return False
+                seen.add(checkpoint_key(key, prefix))
+    return bool(files) and seen == set(wanted)

@@ -140,13 +140,13 @@ class SPMixin(PenaltyMixin):
             model_name=name, repo_id=self.args.hub_model_id or name, regularizer=self.regularizer,
             sp_summary=self.sp_parameters().summary(), include=self.args.sp_include,
             anchor_source=self._anchor_description(),
-            base_model=getattr(model.config, "_name_or_path", None) or None,
+            base_model=self.base_model(),
             base_revision=report.revision if report is not None else None, is_timm=is_timm_wrapper(model),
             data=self.data_description or self._dataset_sizes(), metrics=self.sp_metrics, drift=drift,
             hyperparameters=non_default_hyperparameters(self.args),
             fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
             label=self.regularizer_spec.label, task=model_task(model),
-            new_tensors=self.sp.new_tensors.describe() if self.sp.new_tensors else None,
+            new_tensors=self.sp_reference.new_description,
         ))
 
     def _dataset_sizes(self) -> dict:

@@ -23,6 +23,7 @@ from ..anchor.reference import Reference
 from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete, save_anchor
 from ..loading.forward import loss_uses_num_items_in_batch
 from ..loading.model_parts import (
+    base_prefix,
     find_head_modules,
     parse_head_option,
     unwrap_model,
@@ -156,6 +157,8 @@ class PenaltyMixin:
                                                           new_names=new.names)
         else:
             self.sp.reference = Reference.snapshot(model, head_modules, self.args.device, new_names=new.names)
+        if self.sp.reference.new_description is None:
+            self.sp.reference.new_description = new.describe()
         if setup_penalties:
             self._setup_penalties(model)
 
@@ -382,7 +385,8 @@ class PenaltyMixin:
 
     def _restore_anchor(self, checkpoint: str) -> None:
         fixed = bool(self.args.sp_reference) or self._given_reference is not None
-        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description())
+        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description(),
+                                  base_prefix(self.model))
         check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
         self.sp.reference = stored
         self.refresh_sp_parameters()
@@ -403,5 +407,11 @@ class PenaltyMixin:
         if self.args.sp_reference:
             revision = f" @ {self.args.sp_reference_revision}" if self.args.sp_reference_revision else ""
             return f"loaded from {public_name(self.args.sp_reference)}{revision}"
-        base = public_name(getattr(unwrap_model(self.model).config, "_name_or_path", None) or None)
+        base = public_name(self.base_model())
         return f"the pretrained weights{f' of {base}' if base else ''}, copied when training started"
+
+    def base_model(self) -> str | None:
+        """The model the run started from: the anchor's (kept across resumes), else the model's own name."""
+        if self.sp.reference is not None and self.sp.reference.base_model:
+            return self.sp.reference.base_model
+        return getattr(getattr(unwrap_model(self.model), "config", None), "_name_or_path", None) or None
