@@ -150,8 +150,11 @@ def test_push_command_for_a_finished_folder(tmp_path, monkeypatch, capsys):
     assert upload["repo_id"] == "team/digits" and "model.safetensors" in upload["files"]
     assert 'from_pretrained("team/digits")' in upload["card"] and '"hf-hub:team/digits"' in upload["card"]
     hub.fail = PermissionError("401 Unauthorized: invalid token")
-    assert main(["push", str(out), "--repo_id", "team/digits"]) == 2
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
+    assert main(["push", str(out), "--repo_id", "team/other"]) == 2
     assert "no valid Hugging Face credentials" in capsys.readouterr().err
+    after = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
+    assert after == before and b"team/other" not in after["README.md"]  # a failed push changes nothing (22j)
     assert main(["push", str(tmp_path), "--repo_id", "team/digits"]) == 2
     assert "is not a finished hf-l2sp output folder" in capsys.readouterr().err
 

@@ -51,20 +51,21 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     if not folder.is_dir() or missing or not weights:
         raise FileNotFoundError(f"{str(folder)!r} is not a finished hf-l2sp output folder (missing: "
                                 f"{', '.join(missing + ([] if weights else ['model.safetensors']))}).")
-    _point_card_at(folder / "README.md", repo_id)
+    readme = folder / "README.md"
+    original = readme.read_text()
+    readme.write_text(_card_pointing_at(original, repo_id))  # the card that goes up names the repo
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, token=token)
         return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                                  ignore_patterns=IGNORE_PATTERNS, token=token)
     except Exception as err:
+        readme.write_text(original)  # nothing was pushed: the card must not name a repo that may not exist
         raise PushError(f"Could not push {str(folder)!r} to {repo_id!r}: {_reason(err)}. The local folder is "
-                        "unchanged apart from the repo id in its README's loading examples.") from err
+                        "unchanged.") from err
 
 
-def _point_card_at(readme: Path, repo_id: str) -> None:
-    """Make the card's loading snippets name the repo it is pushed to."""
-    text = readme.read_text()
+def _card_pointing_at(text: str, repo_id: str) -> str:
+    """The card with its loading snippets naming the repo it is pushed to."""
     text = re.sub(r'"(?:hf-hub|local-dir):[^"]+"', f'"hf-hub:{repo_id}"', text)
-    text = re.sub(r'(from_pretrained\(|model=)"[^"]+"', lambda m: f'{m.group(1)}"{repo_id}"', text)
-    readme.write_text(text)
+    return re.sub(r'(from_pretrained\(|model=)"[^"]+"', lambda m: f'{m.group(1)}"{repo_id}"', text)
