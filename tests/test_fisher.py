@@ -278,3 +278,24 @@ def test_fisher_command_then_training_with_it(tmp_path, capsys):
     flags[flags.index(str(tmp_path / "out"))] = str(tmp_path / "out2")
     assert main(["train", *flags]) == 2
     assert "does not match the model: " in capsys.readouterr().err
+
+
+def test_round_off_below_zero_is_clamped_and_real_negatives_refused():
+    """Issue 22g: a mean of squares computed by expanding the square can land at -1e-12; that is round-off."""
+    fisher = FisherDiagonal({"a": torch.tensor([2.0, -1e-12, 0.5]), "b": torch.tensor([-3e-13])})
+    assert float(fisher.tensors["a"].min()) == 0.0 and float(fisher.tensors["b"][0]) == 0.0
+    with pytest.raises(ValueError, match="negative entries in: b"):
+        FisherDiagonal({"a": torch.tensor([2.0]), "b": torch.tensor([-0.1])})
+
+
+def test_fisher_command_on_the_readmes_offline_model(tmp_path, monkeypatch, capsys):
+    """The exact command of issue 22g, which stopped on -1e-12 entries of blocks.5.2.conv_pw.weight."""
+    from hf_l2sp.cli import main
+
+    monkeypatch.setenv("HF_L2SP_CACHE", os.environ.get("HF_L2SP_CACHE", str(Path.home() / ".cache" / "hf_l2sp")))
+    out = tmp_path / "fisher"
+    assert main(["fisher", "--model", "hf_l2sp:efficientnet_lite0", "--dataset_name", "hf_l2sp:digits",
+                 "--num_samples", "16", "--mode", "sampled", "--image_size", "64", "--output", str(out)]) == 0
+    fisher = load_fisher(str(out))
+    assert all(bool((t >= 0).all()) for t in fisher.tensors.values())
+    assert sum(float(t.sum()) for t in fisher.tensors.values()) > 0

@@ -17,6 +17,10 @@ from ..utils.text import first_few
 FISHER_FILENAME = "fisher.safetensors"
 
 
+#: Relative size of a negative entry that is float round-off rather than a wrong Fisher (fp32 sums of products).
+ROUND_OFF = 1e-6
+
+
 @dataclass
 class FisherDiagonal:
     """F_j per parameter, keyed like checkpoints (no wrapper or base-model prefix), plus string metadata."""
@@ -29,10 +33,15 @@ class FisherDiagonal:
         bad = [k for k, t in self.tensors.items() if not bool(torch.isfinite(t).all())]
         if bad:
             raise ValueError(f"Fisher diagonal from {self.source} has NaN/inf entries in: {first_few(bad)}.")
-        negative = [k for k, t in self.tensors.items() if bool((t < 0).any())]
+        # A mean of squares cannot be negative. Entries below zero by no more than float round-off of the largest
+        # entry (files written before the estimator clamped its expanded squares) are set to 0; others are refused.
+        largest = max((float(t.abs().max()) for t in self.tensors.values() if t.numel()), default=0.0)
+        tolerance = ROUND_OFF * largest
+        negative = [k for k, t in self.tensors.items() if bool((t < -tolerance).any())]
         if negative:
             raise ValueError(f"Fisher diagonal from {self.source} has negative entries in: {first_few(negative)}; "
                              "a Fisher diagonal is a mean of squares and cannot be negative.")
+        self.tensors = {k: t.clamp(min=0) if bool((t < 0).any()) else t for k, t in self.tensors.items()}
 
     def aligned_to(self, keys: list[str], shapes: list[torch.Size], device=None) -> list[Tensor]:
         """The Fisher tensors in the order of `keys` (fp32, on `device`); raises on a missing key or wrong shape."""

@@ -145,7 +145,9 @@ class SquaredGradAccumulator:
                 a = a_sum[:, b0:b0 + step].permute(2, 0, 1, 3).flatten(1, 2)  # (G, pairs*b, O)
                 out += torch.bmm(a.transpose(1, 2), uu)
             key = f"{name}.weight" if name else "weight"
-            self.sums[key] += out.reshape(self.sums[key].shape)
+            # Each entry of `out` is a sum over samples of squares, expanded into products: >= 0 in exact arithmetic,
+            # so a negative value here is float round-off (about -1e-12 seen) and is clamped.
+            self.sums[key] += out.clamp_(min=0).reshape(self.sums[key].shape)
         self._gram.clear()
 
     def _forward_hook(self, name, module):
