@@ -70,7 +70,9 @@ def options(tiny, dataset="clean", **overrides):
 def test_selection_never_reads_the_test_split_and_final_reads_it_once(tiny, tmp_path):
     summary = search(options(tiny, "poisoned"), tmp_path / "s", values=[0.01, 1.0], seeds=2)
     rows = (tmp_path / "s" / "search.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 and rows[0].startswith("regularizer,value,learning_rate,seed")
+    # the searched coefficient's column is named after its field (issue 22d), with the validation size beside it
+    assert len(rows) == 1 + 4 and rows[0].startswith("regularizer,sp_alpha,learning_rate,seed")
+    assert "val_images" in rows[0] and "value" not in rows[0].split(",")
     assert summary["value"] in (0.01, 1.0) and summary["method"] == "grid"
     assert {p[0] for p in summary["points"]} == {0.01, 1.0}
     records = [json.loads(p.read_text()) for p in (tmp_path / "s" / "runs").glob("*.json")]
@@ -138,7 +140,7 @@ def test_search_command_line(tiny, tmp_path, capsys):
     flags = [x for k, v in options(tiny, output_dir=str(tmp_path / "cli")).items() for x in (f"--{k}", str(v))]
     assert main(["search", *flags, "--search_alpha", "0.1,1"]) == 0
     out = capsys.readouterr().out
-    assert "best l2_sp: value" in out and (tmp_path / "cli" / "best.yaml").is_file()
+    assert "best l2_sp: sp_alpha " in out and (tmp_path / "cli" / "best.yaml").is_file()
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["seeds"] == 1 and summary["fields"] == ["sp_alpha"]
 
@@ -152,3 +154,21 @@ def test_compare_command_line(tiny, tmp_path, capsys):
     assert set(results["all"]) == {"none", "l2_sp"} and results["all"]["none"]["value"] is None
     assert main(["compare", *flags, "--regularizers", "l2,l2_sp", "--search_alpha", "0.1"]) == 2
     assert "--search_alpha is for hf-l2sp search" in capsys.readouterr().err
+
+
+def test_ties_on_validation_accuracy_go_to_the_lower_validation_loss():
+    """Issue 22d: a 14-image validation split saturates at 100 %; the choice must not fall silently to the smallest
+    value, and the report must say the split cannot resolve the grid."""
+    from hf_l2sp.tuning.selection import choose, resolution_note
+
+    records = [{"alpha": a, "seed": s, "val_accuracy": 1.0, "val_loss": loss, "val_images": 14}
+               for a, loss in ((0.01, 0.30), (0.1, 0.12), (1.0, 0.20)) for s in (0, 1)]
+    choice = choose(records, "alpha")
+    assert choice.value == 0.1 and choice.decided_by == "validation loss" and choice.margin == 0.0
+    assert choice.val_images == 14 and 0.05 < choice.interval_half_width < 0.2 and choice.resolved is False
+    note = resolution_note(choice.as_dict(), "`l2_sp`")
+    assert "14 images" in note and "cannot resolve" in note and "validation loss" in note
+    clear = choose([{"alpha": a, "seed": 0, "val_accuracy": acc, "val_loss": 0.1, "val_images": 2000}
+                    for a, acc in ((0.01, 0.70), (0.1, 0.90))], "alpha")
+    assert clear.value == 0.1 and clear.decided_by == "validation accuracy" and clear.resolved
+    assert resolution_note(clear.as_dict(), "x") is None

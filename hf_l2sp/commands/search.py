@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         {**options, "output_dir": str(out / "best")}, out, values=known.search_alpha, n_trials=known.n_trials,
         seeds=known.search_seeds, learning_rates=known.search_lr, vary_split=known.vary_split, final=known.final,
         workers=known.workers))
-    print(f"best {summary['regularizer']}: value {summary['value']} lr {summary['learning_rate']} "
-          f"(mean val accuracy {summary['mean_val_accuracy']:.4f}); recipe: {out / 'best.yaml'}")
+    named = " ".join(f"{field} {summary['value']}" for field in summary["fields"]) or "no coefficient"
+    print(f"best {summary['regularizer']}: {named} lr {summary['learning_rate']} "
+          f"(mean val accuracy {summary['mean_val_accuracy']:.4f}, decided by {summary['decided_by']}); "
+          f"recipe: {out / 'best.yaml'}")
     if "final" in summary:
         print(f"test accuracy of the chosen configuration: {summary['final']['test_accuracy']:.4f}")
     print(json.dumps({k: v for k, v in summary.items() if k != "best_options"}, default=str))

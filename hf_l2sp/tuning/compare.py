@@ -18,6 +18,7 @@ from typing import Any
 
 from .engine import Trial, run_trials
 from .search import base_settings, search
+from .selection import resolution_note
 
 FINAL_FIELDS = ("size", "regularizer", "seed", "value", "learning_rate", "val_accuracy", "test_accuracy",
                 "test_mean_per_class_accuracy", "drift", "train_rows", "head_init", "train_seconds")
@@ -75,6 +76,7 @@ def summarise(records: list[dict], regularizers: list[str], chosen: dict) -> dic
         accuracies = [r["test_accuracy"] for r in by_reg[reg].values()]
         out[reg] = {"value": chosen[reg]["value"], "learning_rate": chosen[reg]["learning_rate"],
                     "selection_margin": chosen[reg]["margin"], "n": len(accuracies),
+                    "resolution_note": resolution_note(chosen[reg], f"`{reg}`"),
                     "test_mean": statistics.fmean(accuracies),
                     "test_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                     "drift_mean": statistics.fmean(r["drift"] for r in by_reg[reg].values()),
@@ -100,10 +102,15 @@ def markdown(results: dict, regularizers: list[str], options: dict) -> str:
             value = "-" if row["value"] is None else f"{row['value']:g}"
             lines.append(f"| `{reg}` | {value} | {row['learning_rate']:g} | {100 * row['test_mean']:.1f} ± "
                          f"{100 * row['test_std']:.1f} (n={row['n']}) | {versus} | {margin} | "
-                         f"{row['drift_mean']:.3f} |")
+                         f"{row['drift_mean']:.3g} |")
         lines.append("")
+        notes = [table[reg]["resolution_note"] for reg in regularizers if table[reg].get("resolution_note")]
+        if notes:
+            lines += ["**The validation split is too small to resolve the selections:**", "",
+                      *(f"- {note}" for note in notes), ""]
     lines += ["p: paired t-test over the seeds (scipy), absent without scipy or with identical results. Selection "
-              "margin: best minus runner-up mean validation accuracy on the grid, in points. Drift: relative "
+              "margin: best minus runner-up mean validation accuracy on the grid, in points; ties go to the lower "
+              "validation loss, then the smaller value. Drift: relative "
               "distance ||w - w0|| / ||w0|| of the fine-tuned backbone.", "",
               "![test accuracy](accuracy.png)", "![per-layer drift](drift.png)", ""]
     return "\n".join(lines)

@@ -212,7 +212,7 @@ def run_trials(trials: Iterable[Trial], results_dir: str | os.PathLike, workers:
         eta = elapsed / done * (len(pending) - done)
         test = outcome.get("test_accuracy")
         bar.set_postfix_str(f"val {outcome['val_accuracy']:.3f}")
-        logger.info("[%s %d/%d] %s val %.4f%s drift %.3f %.1fs (eta %.0f min)", name, done, len(pending), trial.key,
+        logger.info("[%s %d/%d] %s val %.4f%s drift %.3g %.1fs (eta %.0f min)", name, done, len(pending), trial.key,
                     outcome["val_accuracy"], "" if test is None else f" test {test:.4f}", outcome["drift"] or 0.0,
                     outcome["wall_seconds"], eta / 60)
     bar.close()

@@ -22,12 +22,12 @@ import yaml
 from ..penalties.spec import SearchSpace, search_space
 from ..pipeline.options import parse_options
 from .engine import RUN_CONTROL, Trial, run_trials
-from .selection import choose
+from .selection import choose, resolution_note
 
 logger = logging.getLogger("hf_l2sp.tuning")
 SEARCH_OFFSET = 100  # search seeds are base seed + 100 + k: never the final runs' seeds (base seed + k)
 CSV_FIELDS = ("regularizer", "value", "learning_rate", "seed", "data_seed", "val_accuracy",
-              "val_mean_per_class_accuracy", "val_loss", "drift", "train_seconds")
+              "val_mean_per_class_accuracy", "val_loss", "val_images", "drift", "train_seconds")
 
 
 def base_settings(options: dict[str, Any]) -> tuple[str, float, int]:
@@ -64,12 +64,14 @@ def search(options: dict[str, Any], output_dir: str | Path, *, values: list[floa
     choice = choose_point(rows)
     best_value, best_lr = choice["value"], choice["learning_rate"]
     best = {**options, **space.overrides(best_value), "learning_rate": best_lr}
-    _write_csv(rows, output_dir / "search.csv")
-    _write_best(best, regularizer, choice, output_dir / "best.yaml")
+    _write_csv(rows, output_dir / "search.csv", space.fields)
+    _write_best(best, regularizer, choice, output_dir / "best.yaml", space.fields)
     summary = {"regularizer": regularizer, "fields": list(space.fields), "grid": grid, "learning_rates": lrs,
                "seeds": seeds, "method": "tpe" if n_trials is not None and space.fields else "grid", **choice,
                "best_options": best}
-    plot_search(rows, output_dir / "search.png", regularizer)
+    plot_search(rows, output_dir / "search.png", regularizer, space.fields)
+    if note := resolution_note(choice, regularizer):
+        logger.warning("hf_l2sp search: %s", note)
     if final:
         summary["final"] = run_final(best, output_dir, base_seed, workers)
     (output_dir / "selection.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -164,33 +166,41 @@ def _completed(optuna, storage: str, name: str) -> int:
 
 def choose_point(rows: list[dict]) -> dict:
     """The (value, learning rate) with the best mean validation accuracy over the seeds (`selection.choose`: ties to
-    the smaller value, then the smaller learning rate), with the runner-up margin, the seed spread and the choice
-    each seed alone would have made. Reads validation results only."""
+    the lower validation loss, then the smaller value and learning rate), with the runner-up margin, the seed spread,
+    the choice each seed alone would have made, and whether the validation split resolves the margin. Reads
+    validation results only."""
     if not rows:
         raise ValueError("No finished search runs to choose from.")
-    choice = choose([{**r, "point": (r["value"], r["learning_rate"])} for r in rows], "point").as_dict()
+    chosen = choose([{**r, "point": (r["value"], r["learning_rate"])} for r in rows], "point")
+    choice = {**chosen.as_dict(), "resolved": chosen.resolved}
     (value, lr) = choice.pop("value")
     return {"value": value, "learning_rate": lr, "mean_val_accuracy": choice["mean_val"],
             "std_val_accuracy": choice["std_val"], "runner_up": choice["runner_up"], "margin": choice["margin"],
             "agreement": choice["agreement"], "seed_choices": choice["split_choices"],
+            "decided_by": choice["decided_by"], "val_images": choice["val_images"],
+            "interval_half_width": choice["interval_half_width"], "resolved": choice["resolved"],
             "points": [[v, r, mean] for (v, r), mean in choice["grid"]]}
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def _write_csv(rows: list[dict], path: Path, fields: tuple[str, ...]) -> None:
+    """One row per run; the searched coefficient's column is named after its field(s) (`sp_alpha`, ...)."""
+    named = [f for f in CSV_FIELDS if f != "value"]
+    names = list(fields) or []
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=[named[0], *names, *named[1:]], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **{name: row["value"] for name in names}} for row in rows)
 
 
-def _write_best(best: dict, regularizer: str, choice: dict, path: Path) -> None:
-    header = (f"# Chosen by hf-l2sp search on validation accuracy: {regularizer} value={choice['value']} "
+def _write_best(best: dict, regularizer: str, choice: dict, path: Path, fields: tuple[str, ...] = ()) -> None:
+    named = "".join(f"{name}={choice['value']} " for name in fields)
+    header = (f"# Chosen by hf-l2sp search on validation accuracy: {regularizer} {named}"
               f"learning_rate={choice['learning_rate']} (mean val accuracy {choice['mean_val_accuracy']:.4f}).\n"
               "# Run it with: hf-l2sp train --config best.yaml\n")
     path.write_text(header + yaml.safe_dump(best, sort_keys=False))
 
 
-def plot_search(rows: list[dict], path: Path, regularizer: str) -> Path | None:
+def plot_search(rows: list[dict], path: Path, regularizer: str, fields: tuple[str, ...] = ()) -> Path | None:
     """Validation accuracy against the value, mean and seed spread, one line per learning rate (if matplotlib)."""
     try:
         import matplotlib
@@ -215,7 +225,7 @@ def plot_search(rows: list[dict], path: Path, regularizer: str) -> Path | None:
         ax.scatter([x for x in xs for _ in by_value[x]], [v for x in xs for v in by_value[x]], s=6, alpha=0.4)
     if rows and all(r["value"] is not None and r["value"] > 0 for r in rows):
         ax.set_xscale("log")
-    ax.set_xlabel("searched coefficient")
+    ax.set_xlabel(" = ".join(fields) or "searched coefficient")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{regularizer}: validation accuracy (mean, seed spread)", fontsize=9)
     ax.grid(alpha=0.3)
