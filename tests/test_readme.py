@@ -1,5 +1,6 @@
 """The README's Python examples run as written (in a temporary folder, offline), the text ones as scripts."""
 
+import json
 import os
 import re
 import subprocess
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .helpers import pil_images
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,7 +26,16 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(code, str(README), "exec"), {})
     out = capsys.readouterr().out
     assert "pretrained tensors" in out and "test_accuracy" in out
-    assert (tmp_path / "runs" / "quickstart" / "README.md").is_file()
+    run = tmp_path / "runs" / "quickstart"
+    # Issue 22f: the 64 px evaluation transform of the script reaches the checkpoint, and the card names the data.
+    from transformers import AutoImageProcessor
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    processor = AutoImageProcessor.from_pretrained(run)
+    assert processor(pil_images(1, size=90), return_tensors="pt")["pixel_values"].shape[-1] == 64
+    card = (run / "README.md").read_text()
+    assert "hf_l2sp:digits" in card and "a user-provided dataset" not in card and "`?`" not in card
 
 
 @pytest.mark.parametrize("command", ["./dev demo", "./dev test"])

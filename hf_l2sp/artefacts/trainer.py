@@ -10,12 +10,14 @@ model card. Checkpoints keep only what resuming needs (see `PenaltyMixin._save_c
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..anchor.fisher_io import FISHER_FILENAME, save_fisher
 from ..anchor.parameters import full_values
 from ..loading.model_parts import model_task, unwrap_model
-from ..loading.models import is_timm_wrapper
+from ..loading.models import is_timm_wrapper, set_eval_data_config
+from ..loading.transforms import transform_facts
 from transformers import Trainer
 
 from ..training.trainer import PenaltyMixin
@@ -26,6 +28,7 @@ from .drift import DRIFT_JSON, compute_drift, save_drift
 from .formats import finalize_timm_folder, prepare_config_for_save
 
 SP_CONFIG_FILE = "sp_config.json"
+logger = logging.getLogger(__name__)
 
 
 class SPMixin(PenaltyMixin):
@@ -60,6 +63,7 @@ class SPMixin(PenaltyMixin):
         self.data_description = data_description
         self.sp_metrics: dict[str, float] = {}  # latest evaluation results, for the model card
         self._artefacts_written: tuple[str, int] | None = None  # (folder, global step) of the last write
+        self._warned_transform = False
         super().__init__(*trainer_args, **trainer_kwargs)
 
     def evaluate(self, *args, **kwargs):
@@ -69,6 +73,7 @@ class SPMixin(PenaltyMixin):
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         model = unwrap_model(self.model)
+        self._record_eval_transform(model)
         prepare_config_for_save(model)
         super()._save(output_dir, state_dict)
         if self.args.should_save and is_timm_wrapper(model):
@@ -142,12 +147,40 @@ class SPMixin(PenaltyMixin):
             anchor_source=self._anchor_description(),
             base_model=self.base_model(),
             base_revision=report.revision if report is not None else None, is_timm=is_timm_wrapper(model),
-            data=self.data_description or self._dataset_sizes(), metrics=self.sp_metrics, drift=drift,
+            data=self.data_description or self._described_data() or self._dataset_sizes(), metrics=self.sp_metrics, drift=drift,
             hyperparameters=non_default_hyperparameters(self.args),
             fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
             label=self.regularizer_spec.label, task=model_task(model),
             new_tensors=self.sp_reference.new_description,
         ))
+
+    def _datasets(self) -> list:
+        out = []
+        for data in (self.eval_dataset, self.train_dataset):
+            out += list(data.values()) if isinstance(data, dict) else [data] if data is not None else []
+        return out
+
+    def _record_eval_transform(self, model) -> None:
+        """Put the evaluation transform the datasets were built with (`build_transforms` + `with_transforms`) into
+        the model's config, so that processors, pipelines and `hf-l2sp evaluate` preprocess as training evaluated.
+        A transform that does not say its config cannot be recorded: then the checkpoint keeps the source model's
+        preprocessing, and a warning says so."""
+        if model_task(model) != "image-classification":
+            return
+        facts = [transform_facts(data) for data in self._datasets()]
+        config = next((eval_config for eval_config, _ in facts if eval_config), None)
+        if config is not None:
+            set_eval_data_config(model, config)
+        elif any(getattr(data, "format", {}).get("type") == "custom" for data in self._datasets()) \
+                and not self._warned_transform:
+            self._warned_transform = True
+            logger.warning("hf_l2sp: the datasets' transform does not say its preprocessing (build it with "
+                           "build_transforms + with_transforms to record it); the checkpoint keeps the source "
+                           "model's, which processors and pipelines will use.")
+
+    def _described_data(self) -> dict | None:
+        """The description `with_transforms` attached (dataset, config, splits, sizes), when the datasets carry one."""
+        return next((description for data in self._datasets() if (description := transform_facts(data)[1])), None)
 
     def _dataset_sizes(self) -> dict:
         """Without a data description (a script's own datasets): the number of examples in each split given."""

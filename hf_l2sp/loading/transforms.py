@@ -10,6 +10,31 @@ from datasets import DatasetDict, Image
 from .data import ROW, ImageData
 
 
+class ConfiguredTransform:
+    """An evaluation transform that knows the timm data config reproducing it, so that a dataset it is applied to
+    can tell the trainer what to record in the checkpoint (processors and pipelines then preprocess the same way)."""
+
+    def __init__(self, transform: Callable, data_config: dict):
+        self.transform, self.data_config = transform, dict(data_config)
+
+    def __call__(self, image):
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"ConfiguredTransform({self.transform!r})"
+
+
+#: Attributes `with_transforms` puts on each split's transform, read back by `transform_facts`.
+EVAL_CONFIG_ATTRIBUTE, DESCRIPTION_ATTRIBUTE = "hf_l2sp_eval_data_config", "hf_l2sp_data_description"
+
+
+def transform_facts(dataset) -> tuple[dict | None, dict | None]:
+    """(evaluation data config, data description) that `with_transforms` attached to `dataset`'s transform; None
+    for what it does not know (a dataset without a transform, or with someone else's)."""
+    transform = ((getattr(dataset, "format", None) or {}).get("format_kwargs") or {}).get("transform")
+    return getattr(transform, EVAL_CONFIG_ATTRIBUTE, None), getattr(transform, DESCRIPTION_ATTRIBUTE, None)
+
+
 class Transforms(NamedTuple):
     train: Callable
     eval: Callable
@@ -37,10 +62,11 @@ def build_transforms(data_config: dict, augmentation: str = "timm", image_size: 
         train_tf = create_transform(**config, is_training=True)
     elif augmentation == "none":
         train_tf = eval_tf
-    return Transforms(train_tf, eval_tf, config)
+    return Transforms(train_tf, ConfiguredTransform(eval_tf, config), config)
 
 
-def _transform(image_col: str, label_col: str, tf: Callable, split: str):
+def _transform(image_col: str, label_col: str, tf: Callable, split: str, eval_config: dict | None,
+               description: dict):
     decoder = Image()
 
     def apply(batch):
@@ -55,14 +81,22 @@ def _transform(image_col: str, label_col: str, tf: Callable, split: str):
             pixels.append(tf(image))
         return {"pixel_values": pixels, "labels": batch[label_col]}
 
+    setattr(apply, EVAL_CONFIG_ATTRIBUTE, eval_config)
+    setattr(apply, DESCRIPTION_ATTRIBUTE, description)
     return apply
 
 
 def with_transforms(data: ImageData, train_tf: Callable, eval_tf: Callable) -> DatasetDict:
-    """Lazily transformed splits yielding {'pixel_values', 'labels'} (train augmented, the others not)."""
+    """Lazily transformed splits yielding {'pixel_values', 'labels'} (train augmented, the others not).
+
+    Each split's transform carries the evaluation data config (when `eval_tf` comes from `build_transforms`) and
+    the data description, which `SPTrainer.save_model` records in the checkpoint and its card.
+    """
+    eval_config = getattr(eval_tf, "data_config", None)
     return DatasetDict({
         name: ds.with_transform(_transform(data.image_column, data.label_column,
-                                           train_tf if name == "train" else eval_tf, name))
+                                           train_tf if name == "train" else eval_tf, name, eval_config,
+                                           data.description))
         for name, ds in data.splits.items()
     })
 
