@@ -79,3 +79,19 @@ def test_evaluate_reproduces_a_native_transformers_run_with_its_training_preproc
                  "--bootstrap", "0"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["accuracy"] == logged["test_accuracy"]
+
+
+def test_bootstrap_gives_top5_an_interval_too():
+    """Issue 22k: `hf-l2sp evaluate` printed no interval for top-5."""
+    import numpy as np
+
+    from hf_l2sp.loading.metrics import bootstrap_interval
+
+    labels = np.arange(40) % 8
+    correct = np.arange(40) % 2 == 0
+    top5 = np.arange(40) % 4 != 0  # 75 % of the labels are among the 5 largest logits
+    interval = bootstrap_interval(correct, labels, 8, samples=300, correct_top5=top5)
+    assert set(interval) == {"accuracy", "top5_accuracy", "mean_per_class_accuracy"}
+    low, high = interval["top5_accuracy"]
+    assert low < 0.75 < high and high - low < 0.4
+    assert "top5_accuracy" not in bootstrap_interval(correct, labels, 8, samples=50)

@@ -36,6 +36,10 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     assert processor(pil_images(1, size=90), return_tensors="pt")["pixel_values"].shape[-1] == 64
     card = (run / "README.md").read_text()
     assert "hf_l2sp:digits" in card and "a user-provided dataset" not in card and "`?`" not in card
+    # The README's loading block, as written, on the quick start's folder.
+    loading = python_block("timm.create_model(", "pipeline(")
+    exec(compile(loading, str(README), "exec"), {})
+    assert "(3, 64, 64)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", ["./dev demo", "./dev test"])
@@ -98,3 +102,15 @@ def test_sft_example_runs_as_written(tmp_path):
                         {'"Qwen/Qwen2.5-0.5B"': repr(local), 'report_to="none"': 'report_to="none", use_cpu=True'})
     assert "'anchored_tensors': 6" in out and "'head_tensors': 0" in out
     assert "pipeline_tag: text-generation" in (tmp_path / "runs" / "sft" / "README.md").read_text()
+
+
+def test_compare_example_runs_as_written_as_a_script(tmp_path):
+    """Issue 22h: the compare snippet, saved as a script, with its two worker processes (spawn re-imports the
+    script: the `__main__` guard is what makes it work). Shortened runs; the code path is the same."""
+    code = python_block("compare(options", "load_recipe")
+    out = run_as_script(code, tmp_path, {
+        '"output_dir": "runs/compare/best"}': '"output_dir": "runs/compare/best", "max_steps": 2, '
+                                              '"max_train_samples_per_class": 3, "eval_strategy": "no", '
+                                              '"save_strategy": "no", "load_best_model_at_end": False}',
+        "final_seeds=3": "final_seeds=1"})
+    assert "# hf-l2sp compare" in out and "| `l2_sp` |" in out

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..utils.files import replacing
+from ..utils.hub import is_hub_id
 from ..utils.text import first_few
 
 FISHER_FILENAME = "fisher.safetensors"
@@ -78,7 +79,7 @@ def load_fisher(path_or_repo: str | os.PathLike, revision: str | None = None) ->
     if path.is_dir():
         path = path / FISHER_FILENAME
     if not path.is_file():
-        if str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).endswith(".safetensors"):
+        if not is_hub_id(path_or_repo):
             raise FileNotFoundError(f"Fisher file {str(path_or_repo)!r} does not exist.")
         path = _download(str(path_or_repo), revision)
     try:

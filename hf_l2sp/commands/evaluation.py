@@ -80,8 +80,11 @@ def evaluate_checkpoint(options) -> dict:
     result = {"model": options.model_name_or_path, "dataset": options.dataset_name, "split": options.split,
               "num_examples": int(len(labels)), **{k: v for k, v in metrics.items() if k != "per_class"}}
     if options.bootstrap:
+        top5 = None
+        if "top5_accuracy" in metrics:  # the same top-5 rule as the metric: the label among the 5 largest logits
+            top5 = (np.argsort(-logits, axis=1)[:, :5] == labels[:, None]).any(1)
         interval = bootstrap_interval(logits.argmax(1) == labels, labels, len(model_labels), options.bootstrap,
-                                      options.confidence, options.seed)
+                                      options.confidence, options.seed, correct_top5=top5)
         result[f"ci{round(100 * options.confidence)}"] = {k: list(v) for k, v in interval.items()}
     result["per_class"] = metrics["per_class"]
     return result

@@ -12,7 +12,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset, load_from_disk
 
 from . import assets
-from ..utils.hub import datasets_offline
+from ..utils.hub import datasets_offline, is_local_path
 
 logger = logging.getLogger(__name__)
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
@@ -162,15 +162,10 @@ def load_evaluation_split(args: DataArguments, split: str, seed: int = 42) -> Im
     return ImageData(DatasetDict(splits), image_col, label_col, names, description)
 
 
-def _looks_local(name: str) -> bool:
-    """A path rather than a Hub id ('user/name' has one slash and no leading '.', '/' or '~')."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def _load_raw(args: DataArguments) -> DatasetDict:
     location = assets.resolve(args.dataset_name)  # embedded offline datasets ('hf_l2sp:digits')
     path = Path(location).expanduser()
-    if _looks_local(location) and not path.exists():
+    if is_local_path(location) and not path.exists():
         raise FileNotFoundError(f"dataset_name {args.dataset_name!r}: no such folder. Give an existing local folder "
                                 "(image folder, parquet repo or save_to_disk output) or a Hub id such as "
                                 "'user/dataset'.")

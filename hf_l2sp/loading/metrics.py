@@ -57,19 +57,25 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 
 def bootstrap_interval(correct: np.ndarray, labels: np.ndarray, num_classes: int, samples: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals (resampling the evaluated images) of top-1 and mean per-class accuracy."""
+                       level: float = 0.95, seed: int = 0,
+                       correct_top5: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals (resampling the evaluated images) of top-1, top-5 (when `correct_top5` is
+    given) and mean per-class accuracy."""
     rng = np.random.default_rng(seed)
     n = len(correct)
-    top1, per_class = np.empty(samples), np.empty(samples)
+    top1, top5, per_class = np.empty(samples), np.empty(samples), np.empty(samples)
     for s in range(samples):
         index = rng.integers(0, n, n)
         c, y = correct[index], labels[index]
         top1[s] = c.mean()
+        if correct_top5 is not None:
+            top5[s] = correct_top5[index].mean()
         count = np.bincount(y, minlength=num_classes)
         hits = np.bincount(y[c], minlength=num_classes)
         present = count > 0
         per_class[s] = (hits[present] / count[present]).mean()
     tail = 100 * (1 - level) / 2
-    return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail)))
-            for name, v in (("accuracy", top1), ("mean_per_class_accuracy", per_class))}
+    series = [("accuracy", top1), ("mean_per_class_accuracy", per_class)]
+    if correct_top5 is not None:
+        series.append(("top5_accuracy", top5))
+    return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for name, v in series}

@@ -15,9 +15,22 @@ class HubUnavailableError(OSError):
     """Something had to come from the Hub and could not (offline, unreachable, no such repo)."""
 
 
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".yml")
+
+
+def is_local_path(value: str | os.PathLike | None) -> bool:
+    """The one rule for "is this a local path?": it exists, or it is written as a path (starts with '.', '/' or
+    '~', holds a backslash or more than one '/', or ends with a weights/config file suffix)."""
+    if not value:
+        return False
+    text = str(value)
+    return (text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+            or text.endswith(_FILE_SUFFIXES) or Path(text).expanduser().exists())
+
+
 def is_hub_id(value: str | os.PathLike | None) -> bool:
-    """True for 'owner/name' that is not an existing local path."""
-    return bool(value) and bool(_REPO_ID.match(str(value))) and not Path(value).exists()
+    """True for 'owner/name' that is not a local path (`is_local_path`)."""
+    return bool(value) and bool(_REPO_ID.match(str(value))) and not is_local_path(value)
 
 
 def _flag(name: str) -> bool:
@@ -55,6 +68,6 @@ def public_name(value: str | None) -> str | None:
     value = str(value)
     if value.startswith("hf_l2sp:") or is_hub_id(value):
         return value
-    if value.startswith(("/", "./", "../", "~")) or Path(value).exists() or "\\" in value:
+    if is_local_path(value):
         return f"local folder '{Path(value.rstrip('/')).name}'"
     return value
