@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from ..utils.logs import configure_command_logging
 from ..loading.data import DataArguments
 from ..pipeline.fisher import FisherArguments, estimate_fisher_file
 from ..pipeline.options import parse_with_recipe
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     config, argv = split_accelerate_config(list(sys.argv[2:] if argv is None else argv))
     if config:
         return relaunch_under_accelerate(config, "fisher", argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    configure_command_logging()
     options, data_args = parse_with_recipe((FisherArguments, DataArguments), argv, prog="hf-l2sp fisher",
                                            description=__doc__.split("\n")[0])
     estimate_fisher_file(options, data_args)

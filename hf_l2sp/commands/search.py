@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
+from ..utils.logs import configure_command_logging
 from ..pipeline.options import options_from_argv
 from ..tuning import compare, search
 from ..tuning.engine import RunsFailed
@@ -66,7 +66,7 @@ def _run(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, dict]:
         raise ValueError(f"{prog} needs --output_dir (in the recipe or as a flag): its results go there.")
     if known.workers < 1 or known.search_seeds < 1:
         raise ValueError("--workers and --search_seeds must be >= 1.")
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    configure_command_logging()
     return known, options
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import platform
 import shlex
@@ -21,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..utils.logs import configure_command_logging
 from ..study import Study, full_plan, quick_plan, write_report
 from ..study.protocol import REGULARIZERS
 from ..study.sources import source_summary
@@ -67,7 +67,7 @@ def build_plan(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[2:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    configure_command_logging()
     args = parse(argv)
     plan = build_plan(args)
     output = Path(args.output)

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
+from ..utils.logs import configure_command_logging
 from ..pipeline.finetune import finetune
 from ..pipeline.options import ARGUMENT_TYPES, parse_with_recipe
 from .launch import relaunch_under_accelerate, split_accelerate_config
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     config, rest = split_accelerate_config(list(sys.argv[2:] if argv is None else argv))
     if config:
         return relaunch_under_accelerate(config, "train", rest)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    configure_command_logging()
     metrics = finetune(*parse_args(rest))
     if "test_accuracy" in metrics:
         print(f"test accuracy: {metrics['test_accuracy']:.4f}")
