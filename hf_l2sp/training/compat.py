@@ -45,3 +45,13 @@ def check_trainer_hooks(trainer_class: type = Trainer) -> None:
             f"{transformers.__version__} lacks: {'; '.join(problems)}. Install a supported version: "
             f"pip install 'transformers>={TRANSFORMERS_FLOOR},<6'."
         )
+
+
+def loss_comes_from_model(cls: type, mixin: type) -> bool:
+    """True when nothing between `mixin` and `transformers.Trainer` in `cls`'s MRO overrides `compute_loss`: the
+    training loss is then the model's own (a trainer like TRL's SFTTrainer computes its own)."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(mixin) + 1:]:
+        if "compute_loss" in vars(klass):
+            return klass is Trainer
+    return False

@@ -14,9 +14,11 @@ from torch import nn
 from ..anchor.parameters import SPParameters
 from ..anchor.reference import Reference
 from ..loading.new_tensors import NewTensors
-from ..penalties import Regularizer
+from ..penalties import FEATURE_REGULARIZERS, Regularizer, get_regularizer_class
 from ..penalties.feature import FeatureRegularizer
-from ..penalties.spec import RegularizerSpec
+from ..penalties.l2 import L2
+from ..penalties.none import NoRegularizer
+from ..penalties.spec import RegularizerSpec, parse_regularizer
 from .optimizer_side import OptimizerSidePenalty
 from .penalty_log import PenaltyLog
 
@@ -51,6 +53,14 @@ class PenaltyState:
     side_penalty_steps: int = 0
     ready: bool = field(default=False)  # set once Trainer.__init__ has finished (model_init may call back earlier)
 
+    @classmethod
+    def from_config(cls, args, regularizer: Regularizer | None = None) -> PenaltyState:
+        """The penalties `args` (SPArguments) name; `regularizer` replaces the weight penalty when given."""
+        spec = parse_regularizer(args.regularizer)
+        features = [FEATURE_REGULARIZERS[name].from_config(args) for name in spec.features]
+        return cls(spec=spec, regularizer=regularizer or build_weight_regularizer(spec, args), features=features,
+                   log=PenaltyLog([f.name for f in features]))
+
     def parameters_are_for(self, model: nn.Module) -> bool:
         return self.parameters is not None and self.parameters_key == tuple(id(p) for p in model.parameters())
 
@@ -58,3 +68,10 @@ class PenaltyState:
         if self.optimizer_hook is not None:
             self.optimizer_hook.remove()
             self.optimizer_hook = None
+
+
+def build_weight_regularizer(spec: RegularizerSpec, args) -> Regularizer:
+    """The weight part of `args.regularizer`; feature penalties alone imply DELTA's head L2 (or nothing, for BSS)."""
+    if spec.weight_named:
+        return get_regularizer_class(spec.weight).from_config(args)
+    return L2(alpha=0.0, beta=args.sp_beta) if spec.weight == "l2" else NoRegularizer()

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import Trainer
 
 from ..anchor.parameters import SPParameters, check_something_is_anchored, fsdp_unsharded_now, resolve_parameters
 from ..anchor.reference import Reference
@@ -30,36 +29,15 @@ from ..loading.model_parts import (
     validate_head_modules,
 )
 from ..loading.new_tensors import find_new_tensors
-from ..penalties import FEATURE_REGULARIZERS, FeatureContext, PenaltyTerms, Regularizer, get_regularizer_class
-from ..penalties.l2 import L2
-from ..penalties.none import NoRegularizer
-from ..penalties.spec import RegularizerSpec, parse_regularizer
+from ..penalties import FeatureContext, PenaltyTerms, Regularizer
 from ..utils.hub import public_name
 from .config import SPArguments, SPConfig
 from .optimizer_side import OptimizerSidePenalty
-from .penalty_log import PenaltyLog
+from .compat import check_trainer_hooks, loss_comes_from_model
 from .state import OptimizerHook, PenaltyState
-from .compat import check_trainer_hooks
 from .topology import check_supported
 
 logger = logging.getLogger(__name__)
-
-
-def build_weight_regularizer(spec: RegularizerSpec, args: SPConfig) -> Regularizer:
-    """The weight part of `args.regularizer`; feature penalties alone imply DELTA's head L2 (or nothing, for BSS)."""
-    if spec.weight_named:
-        return get_regularizer_class(spec.weight).from_config(args)
-    return L2(alpha=0.0, beta=args.sp_beta) if spec.weight == "l2" else NoRegularizer()
-
-
-def _loss_comes_from_model(cls: type) -> bool:
-    """True when nothing between `PenaltyMixin` and `transformers.Trainer` in `cls`'s MRO overrides `compute_loss`:
-    the training loss is then the model's own (a trainer like TRL's SFTTrainer computes its own)."""
-    mro = cls.__mro__
-    for klass in mro[mro.index(PenaltyMixin) + 1:]:
-        if "compute_loss" in vars(klass):
-            return klass is Trainer
-    return False
 
 
 class PenaltyMixin:
@@ -97,10 +75,7 @@ class PenaltyMixin:
             self._anchor(self.model)
 
     def _new_state(self, args: SPArguments) -> PenaltyState:
-        spec = parse_regularizer(args.regularizer)
-        features = [FEATURE_REGULARIZERS[name].from_config(args) for name in spec.features]
-        return PenaltyState(spec=spec, regularizer=self._given_regularizer or build_weight_regularizer(spec, args),
-                            features=features, log=PenaltyLog([f.name for f in features]))
+        return PenaltyState.from_config(args, self._given_regularizer)
 
     def _build_regularizers(self, args: SPArguments) -> None:
         old = self.sp
@@ -128,7 +103,7 @@ class PenaltyMixin:
         accumulation steps and DDP/FSDP average over processes. A trainer subclass that computes its own loss (TRL)
         decides for itself.
         """
-        if not self.model_accepts_loss_kwargs or not _loss_comes_from_model(type(self)):
+        if not self.model_accepts_loss_kwargs or not loss_comes_from_model(type(self), PenaltyMixin):
             return
         inner = unwrap_model(self.accelerator.unwrap_model(model))
         inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
