@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 ANCHOR_FILE = "sp_anchor.safetensors"
 COMPLETE_MARKER = "sp_checkpoint_complete.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # Trainer's own folder names
 
 
 def save_anchor(reference: Reference, folder: str | os.PathLike, tensors: dict[str, Tensor] | None = None) -> None:

@@ -19,6 +19,7 @@ from ..loading.model_parts import model_task, unwrap_model
 from ..loading.models import is_timm_wrapper, set_eval_data_config
 from ..loading.transforms import transform_facts
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..training.trainer import PenaltyMixin
 from ..utils.files import write_text_atomically
@@ -88,7 +89,8 @@ class SPMixin(PenaltyMixin):
     def _save_checkpoint(self, model, trial):
         result = super()._save_checkpoint(model, trial)
         if self.args.sp_checkpoint_artefacts:
-            self.write_artefacts(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.write_artefacts(folder)
         return result
 
     def push_to_hub(self, *args, **kwargs):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..anchor.parameters import SPParameters, check_something_is_anchored, fsdp_unsharded_now, resolve_parameters
 from ..anchor.reference import Reference
@@ -338,7 +339,7 @@ class PenaltyMixin:
         result = super()._save_checkpoint(model, trial)
         anchors = self.sp.reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
         if self.args.should_save:  # after weights, optimizer, scheduler, RNG and state: the anchor, then the marker
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             save_anchor(self.sp.reference, folder, anchors)
             self.save_feature_state(folder)
             mark_complete(folder, self.state.global_step)
