@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import FEATURE_REGULARIZERS, REGULARIZERS, all_names, get_penalty_class
+from .registry import FEATURE_REGULARIZERS, REGULARIZERS, all_names
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,3 @@ def parse_regularizer(spec: str) -> RegularizerSpec:
     implied = "l2" if any(FEATURE_REGULARIZERS[f].adds_head_l2 for f in features) else "none"
     return RegularizerSpec(implied, features, False)
 
-
-def penalty_classes(spec: str) -> list[type]:
-    """The classes of every penalty `spec` runs (the implied weight part included)."""
-    return [get_penalty_class(name) for name in parse_regularizer(spec).names]
