@@ -1,7 +1,9 @@
 """Penalties: the paper's weight penalties (one module each) and the feature penalties DELTA and BSS.
 
 Importing this package imports each of its modules, which registers every decorated class by name: a new penalty
-is one module here (and its test), nothing else.
+that uses the existing coefficients (sp_alpha, sp_beta, ...) is one module here (and its test), nothing else. A
+penalty with a coefficient of its own also needs that field declared in `SPArguments` (training/config.py), since
+a dataclass's fields cannot come from a registry; its `coefficient_fields` then names it.
 """
 
 import importlib
