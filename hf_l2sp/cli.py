@@ -1,8 +1,9 @@
 """`hf-l2sp` command line: a thin dispatcher over `hf_l2sp.commands.*`.
 
 Errors a user can cause (bad recipe or option, missing file, unreachable Hub, mismatched weights, unsupported
-accelerate set-up, a diverging penalty) are printed as one line and exit with status 2; set HF_L2SP_DEBUG=1 to see
-the traceback. Anything else is a bug and keeps its traceback.
+accelerate set-up, a diverging penalty) are `hf_l2sp.utils.errors.UserError`s: printed as one line, exit status 2;
+set HF_L2SP_DEBUG=1 to see the traceback. Anything else, a plain ValueError included, is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+
+from .utils.errors import UserError
 
 COMMANDS = {
     "train": ("hf_l2sp.commands.train", "Fine-tune a pretrained backbone on an image dataset with an SP regularizer."),
@@ -24,15 +27,6 @@ COMMANDS = {
     "regularizers": ("hf_l2sp.commands.info", "List the registered regularizers and their formulas."),
     "version": ("hf_l2sp.commands.info", "Print the hf_l2sp version."),
 }
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from .artefacts.hub import PushError
-    from .training.topology import UnsupportedTopologyError
-    from .utils.hub import HubUnavailableError
-
-    return (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, HubUnavailableError, PushError,
-            UnsupportedTopologyError)
 
 
 def usage() -> str:
@@ -55,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                              "compare": "compare_main"}.get(name, "main"))
     try:
         return entry(rest) or 0
-    except user_errors() as err:
+    except UserError as err:  # a plain ValueError, OSError, ... is a bug: its traceback stays
         if os.environ.get("HF_L2SP_DEBUG"):
             raise
         print(f"hf-l2sp {name}: error: {err}", file=sys.stderr)

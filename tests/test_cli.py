@@ -175,9 +175,18 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert "test_accuracy" in json.loads((tmp_path / "out" / "all_results.json").read_text())
 
 
+def _user_errors():
+    from hf_l2sp.utils.errors import ConfigError, DivergedError, MissingFileError, OutputExistsError
+
+    return [ConfigError("bad option"), MissingFileError("no such file"), OutputExistsError("not empty"),
+            DivergedError("nan")]
+
+
 @pytest.mark.parametrize("error, user", [
     (TypeError("a bug"), False), (OSError("a bug"), False), (KeyError("a bug"), False),
-    (ValueError("bad option"), True), (FileNotFoundError("no such file"), True),
+    # a plain ValueError / FileNotFoundError comes from a bug (the package raises its own classes): traceback kept
+    (ValueError("a bug"), False), (FileNotFoundError("a bug"), False),
+    *((error, True) for error in _user_errors()),
 ])
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, error, user):
     import hf_l2sp.commands.info as info

@@ -26,6 +26,7 @@ from .fisher_io import FisherDiagonal
 from . import per_sample
 from ..loading.forward import call_image_model, logits_of
 from ..loading.model_parts import base_prefix, checkpoint_key, unwrap_model
+from ..utils.errors import ConfigError
 
 MODES = ("exact", "sampled", "empirical")
 METHODS = ("auto", "hooks", "vmap")
@@ -48,7 +49,7 @@ def _check_source_head(model: nn.Module, x: Tensor) -> int:
     with torch.no_grad():
         logits = _logits(model, {**dict(model.named_parameters()), **dict(model.named_buffers())}, x[:1])
     if headless or logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"estimate_fisher needs the source model with its classification head (logits over the "
+        raise ConfigError(f"estimate_fisher needs the source model with its classification head (logits over the "
                          f"source classes); this model returns shape {tuple(logits.shape)}. Load the pretrained "
                          "checkpoint as is (e.g. the 1000 ImageNet outputs), not a headless or re-headed copy.")
     return logits.shape[1]
@@ -72,19 +73,19 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
     names of frozen ones are listed in the metadata.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}.")
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}.")
     if draws < 1 or chunk_size < 1 or class_chunk < 1:
-        raise ValueError("draws, chunk_size and class_chunk must be >= 1.")
+        raise ConfigError("draws, chunk_size and class_chunk must be >= 1.")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     model = unwrap_model(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     routes = _routes(model, trainable, method)
     if method == "hooks" and "vmap" in routes.values():
         unruled = sorted(m for m, r in routes.items() if r == "vmap")
-        raise ValueError(f"method='hooks' has no per-sample rule for layers {unruled[:5]} of "
+        raise ConfigError(f"method='hooks' has no per-sample rule for layers {unruled[:5]} of "
                          f"{type(model).__name__}; use method='auto' (hooks where exact, vmap for those) or 'vmap'.")
     was_training = model.training
     model.eval()
@@ -94,14 +95,14 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("estimate_fisher saw zero samples: the data is empty or num_samples is 0.")
+        raise ConfigError("estimate_fisher saw zero samples: the data is empty or num_samples is 0.")
     prefix = base_prefix(model)
     tensors = {checkpoint_key(name, prefix): (s / count).cpu() for name, s in sums.items()}
     if normalize != "none":
         flat = torch.cat([t.flatten() for t in tensors.values()])
         scale = flat.mean() if normalize == "mean" else flat.max()
         if scale <= 0:
-            raise ValueError("The Fisher diagonal is zero everywhere; it cannot be normalised.")
+            raise ConfigError("The Fisher diagonal is zero everywhere; it cannot be normalised.")
         tensors = {k: t / scale for k, t in tensors.items()}
     from ..utils.version import __version__
 
@@ -176,7 +177,7 @@ def _accumulate(model, batches, mode, num_samples, draws, chunk_size, class_chun
             _check_source_head(model, x)
             checked = True
         if mode == "empirical" and labels is None:
-            raise ValueError("mode='empirical' needs labels in the batches ('labels').")
+            raise ConfigError("mode='empirical' needs labels in the batches ('labels').")
         y = labels.to(device)[:, None] if mode == "empirical" else None
         if hook_sums:  # the hooks path handles the whole batch at once; sampled labels are drawn from its forward
             y = _add_with_hooks(model, x, y, hook_sums, mode, draws, generator)
@@ -221,7 +222,7 @@ def _add_with_hooks(model, x, labels, sums, mode, draws=1, generator=None):
             share = torch.full((len(x),), 1.0 / labels.shape[1], device=x.device)
             targets = [(labels[:, d], share) for d in range(labels.shape[1])]
         if not acc.targets:
-            raise ValueError("estimate_fisher: no layer output requires grad; the model has no trainable parameters.")
+            raise ConfigError("estimate_fisher: no layer output requires grad; the model has no trainable parameters.")
         acc.passes = len(targets)  # picks each layer's route (see per_sample.py)
         for index, (y, weights) in enumerate(targets):
             acc.weights = weights

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..utils.files import replacing
 from ..utils.hub import is_hub_id
 from ..utils.text import first_few
+from ..utils.errors import ConfigError, MissingFileError
 
 FISHER_FILENAME = "fisher.safetensors"
 
@@ -33,14 +34,14 @@ class FisherDiagonal:
     def __post_init__(self):
         bad = [k for k, t in self.tensors.items() if not bool(torch.isfinite(t).all())]
         if bad:
-            raise ValueError(f"Fisher diagonal from {self.source} has NaN/inf entries in: {first_few(bad)}.")
+            raise ConfigError(f"Fisher diagonal from {self.source} has NaN/inf entries in: {first_few(bad)}.")
         # A mean of squares cannot be negative. Entries below zero by no more than float round-off of the largest
         # entry (files written before the estimator clamped its expanded squares) are set to 0; others are refused.
         largest = max((float(t.abs().max()) for t in self.tensors.values() if t.numel()), default=0.0)
         tolerance = ROUND_OFF * largest
         negative = [k for k, t in self.tensors.items() if bool((t < -tolerance).any())]
         if negative:
-            raise ValueError(f"Fisher diagonal from {self.source} has negative entries in: {first_few(negative)}; "
+            raise ConfigError(f"Fisher diagonal from {self.source} has negative entries in: {first_few(negative)}; "
                              "a Fisher diagonal is a mean of squares and cannot be negative.")
         self.tensors = {k: t.clamp(min=0) if bool((t < 0).any()) else t for k, t in self.tensors.items()}
 
@@ -56,7 +57,7 @@ class FisherDiagonal:
             if wrong:
                 parts.append(f"shape mismatches {first_few(wrong)}")
             model_id = self.metadata.get("source_model", "an unknown model")
-            raise ValueError(f"Fisher file {self.source} (estimated for {model_id}) does not match the model: "
+            raise ConfigError(f"Fisher file {self.source} (estimated for {model_id}) does not match the model: "
                              + "; ".join(parts) + ". Estimate the Fisher for this architecture.")
         return [self.tensors[k].to(device=device, dtype=torch.float32) for k in keys]
 
@@ -80,17 +81,17 @@ def load_fisher(path_or_repo: str | os.PathLike, revision: str | None = None) ->
         path = path / FISHER_FILENAME
     if not path.is_file():
         if not is_hub_id(path_or_repo):
-            raise FileNotFoundError(f"Fisher file {str(path_or_repo)!r} does not exist.")
+            raise MissingFileError(f"Fisher file {str(path_or_repo)!r} does not exist.")
         path = _download(str(path_or_repo), revision)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except SafetensorError as err:
-        raise ValueError(f"Fisher file {str(path)!r} is not a readable safetensors file ({err}); write it with "
+        raise ConfigError(f"Fisher file {str(path)!r} is not a readable safetensors file ({err}); write it with "
                          "`hf-l2sp fisher` or `save_fisher`.") from err
     if not tensors:
-        raise ValueError(f"Fisher file {str(path)!r} holds no tensors.")
+        raise ConfigError(f"Fisher file {str(path)!r} holds no tensors.")
     return FisherDiagonal(tensors, metadata, source=str(path_or_repo))
 
 
@@ -100,7 +101,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(hf_hub_download(repo_id, FISHER_FILENAME, revision=revision))
     except Exception as err:  # offline, missing repo, missing file: all end the same way for the user
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"sp_fisher {repo_id!r} is not a local file or folder, and {FISHER_FILENAME} could not be fetched from "
             f"the Hub repo of that name ({type(err).__name__}). With HF_HUB_OFFLINE=1 only cached repos work."
         ) from err

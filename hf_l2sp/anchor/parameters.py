@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..utils.text import first_few
 from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, feature_weight_names, unwrap_model
+from ..utils.errors import ConfigError
 
 INCLUDE_CHOICES = ("weights", "all")
 
@@ -94,7 +95,7 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
     values are partial sums that the trainer all-reduces.
     """
     if include not in INCLUDE_CHOICES:
-        raise ValueError(f"sp_include must be one of {INCLUDE_CHOICES}, got {include!r}.")
+        raise ConfigError(f"sp_include must be one of {INCLUDE_CHOICES}, got {include!r}.")
     inner = unwrap_model(model)
     prefix = base_prefix(inner)
     allowed = feature_weight_names(inner) if include == "weights" else None
@@ -133,7 +134,7 @@ def check_something_is_anchored(model: nn.Module, sets: SPParameters, regularize
     message = (f"regularizer={spec.label!r} with sp_alpha={regularizer.alpha} anchors no tensor of "
                f"{type(unwrap_model(model)).__name__} (sp_include={include!r}, {len(sets.head)} new tensors)")
     if free:
-        raise ValueError(f"{message}: its trainable tensors {first_few(free)} are neither anchored nor new. "
+        raise ConfigError(f"{message}: its trainable tensors {first_few(free)} are neither anchored nor new. "
                          "Use sp_include='all' to anchor every trainable tensor, or check sp_head.")
     warnings.warn(f"{message}: every trainable tensor is new, so alpha acts on nothing and only beta's L2 on the "
                   "new tensors remains.", UserWarning, stacklevel=3)

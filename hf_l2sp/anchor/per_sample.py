@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from ..utils.errors import ConfigError
 
 
 def _rule_classes() -> dict[type, str]:
@@ -99,7 +100,7 @@ class SquaredGradAccumulator:
         self.model, self.sums, self.passes = model, sums, passes
         self.layers = owners(model, set(sums))
         if self.layers is None:
-            raise ValueError("model has parameter-holding layers without a per-sample rule; use the vmap path.")
+            raise ConfigError("model has parameter-holding layers without a per-sample rule; use the vmap path.")
         self.weights: Tensor | None = None
         self._inputs: dict[str, Tensor] = {}
         self._cols: dict[str, Tensor] = {}  # unfolded conv inputs, reused by every backward pass of the batch

@@ -18,6 +18,7 @@ from ..loading.weights import read_state_dict
 from ..utils.text import first_few
 from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
 from .parameters import is_sharded, local_view
+from ..utils.errors import ConfigError
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Reference:
         if wrong_shape:
             problems.append(f"shape mismatches outside the head: {first_few(wrong_shape)}")
         if problems:
-            raise ValueError(
+            raise ConfigError(
                 f"sp_reference {path_or_repo!r} does not match {type(inner).__name__}: " + "; ".join(problems)
                 + ". Point sp_reference at the checkpoint this model was initialised from."
             )

@@ -24,6 +24,7 @@ from ..loading.model_parts import checkpoint_key
 from ..loading.weights import INDEX_FILES, WEIGHT_FILES
 from .fisher_io import FisherDiagonal, load_fisher
 from .reference import Reference
+from ..utils.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def load_anchor(folder: str | os.PathLike, device=None) -> Reference:
     reference = Reference(tensors, metadata.get("source", f"anchor stored in {Path(folder).name}"),
                           base_model=metadata.get("base_model"), new_description=metadata.get("new_tensors"))
     if metadata.get("fingerprint") and reference.fingerprint() != metadata["fingerprint"]:
-        raise ValueError(f"The anchor stored in {str(folder)!r} is corrupt (its fingerprint does not match its "
+        raise ConfigError(f"The anchor stored in {str(folder)!r} is corrupt (its fingerprint does not match its "
                          "content); resume from an earlier checkpoint.")
     return reference
 
@@ -99,23 +100,23 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, d
     Otherwise the model must hold either w0 itself or the checkpoint's own weights (a model reloaded from it):
     any other weights are another model, refused. `prefix` is the model's base-model prefix (checkpoint keys)."""
     if not Path(checkpoint).is_dir():
-        raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
+        raise MissingFileError(f"Checkpoint {checkpoint!r} does not exist.")
     if not is_complete(checkpoint):
         last = last_complete_checkpoint(Path(checkpoint).parent)
-        raise ValueError(f"Checkpoint {checkpoint!r} was not completely written (interrupted while saving?); "
+        raise ConfigError(f"Checkpoint {checkpoint!r} was not completely written (interrupted while saving?); "
                          f"it cannot be resumed from. Last complete checkpoint: {last or 'none'}.")
     stored = load_anchor(checkpoint, device)
     problems = compare_anchors(stored, current)
     if problems:
-        raise ValueError(f"Cannot resume from {checkpoint!r}: the model does not match the anchor stored there ("
+        raise ConfigError(f"Cannot resume from {checkpoint!r}: the model does not match the anchor stored there ("
                          + "; ".join(problems) + "). Resume with the model and regularizer the run started with.")
     if stored.fingerprint() != current.fingerprint():
         if fixed:
-            raise ValueError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
+            raise ConfigError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
                              f"({description}). Resuming must keep the anchor the run started "
                              "with; remove sp_reference or point it at the original checkpoint.")
         if not holds_checkpoint_weights(checkpoint, current, prefix):
-            raise ValueError(f"Cannot resume from {checkpoint!r}: the model given now holds neither the run's "
+            raise ConfigError(f"Cannot resume from {checkpoint!r}: the model given now holds neither the run's "
                              "pretrained weights (its stored anchor w0) nor this checkpoint's weights: it is another "
                              "model of the same shape. Resume with the model the run started from.")
         logger.info("hf_l2sp: the model holds %s's weights; the anchor is the stored w0 (resuming never "
@@ -132,7 +133,7 @@ def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given
     saved = load_fisher(str(stored))
     if saved.tensors.keys() != fisher.tensors.keys() or any(
             not torch.equal(saved.tensors[k], fisher.tensors[k].cpu()) for k in saved.tensors):
-        raise ValueError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({given})"
+        raise ConfigError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({given})"
                          " differs from the one the run used (stored in the checkpoint).")
 
 

@@ -11,13 +11,14 @@ import re
 from pathlib import Path
 
 from ..utils.hub import hub_offline
+from ..utils.errors import MissingFileError, UserError
 
 #: Same exclusions as Trainer.push_to_hub: private files and intermediate checkpoints stay local.
 IGNORE_PATTERNS = ["_*", "checkpoint-*"]
 REQUIRED_FILES = ("config.json", "README.md")
 
 
-class PushError(OSError):
+class PushError(UserError, OSError):
     """The Hub push failed; the local output is intact."""
 
 
@@ -49,7 +50,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     weights = list(folder.glob("*.safetensors")) + list(folder.glob("model.safetensors.index.json"))
     if not folder.is_dir() or missing or not weights:
-        raise FileNotFoundError(f"{str(folder)!r} is not a finished hf-l2sp output folder (missing: "
+        raise MissingFileError(f"{str(folder)!r} is not a finished hf-l2sp output folder (missing: "
                                 f"{', '.join(missing + ([] if weights else ['model.safetensors']))}).")
     readme = folder / "README.md"
     original = readme.read_text()

@@ -22,6 +22,7 @@ from ..loading.transforms import build_transforms, collate_images, with_transfor
 from ..loading.forward import call_image_model, logits_of
 from ..loading.metrics import bootstrap_interval, classification_metrics
 from ..loading.models import data_config_of, load_source_classifier
+from ..utils.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None):
@@ -68,7 +69,7 @@ def evaluate_checkpoint(options) -> dict:
         label_column=options.label_column, max_eval_samples=options.max_eval_samples,
         skip_bad_images=options.skip_bad_images), options.split, seed=options.seed)
     if data.label_names != model_labels:
-        raise ValueError(f"The labels of {options.dataset_name!r} ({data.label_names[:10]}) are not the model's "
+        raise ConfigError(f"The labels of {options.dataset_name!r} ({data.label_names[:10]}) are not the model's "
                          f"({model_labels[:10]}), in the same order; evaluate on the dataset the model was trained "
                          "for.")
     transforms = build_transforms(data_config_of(model), "none")  # the saved evaluation preprocessing

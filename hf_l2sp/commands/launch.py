@@ -7,6 +7,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from ..utils.errors import MissingFileError
 
 
 def split_accelerate_config(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -26,7 +27,7 @@ def accelerate_config_path(name: str) -> Path:
     if candidate.is_file():
         return candidate
     choices = sorted(p.stem for p in shipped.glob("*.yaml"))
-    raise FileNotFoundError(f"accelerate_config {name!r} is neither a file nor a shipped config; shipped: "
+    raise MissingFileError(f"accelerate_config {name!r} is neither a file nor a shipped config; shipped: "
                             f"{', '.join(choices)}.")
 
 

@@ -20,6 +20,7 @@ from ..pipeline.options import options_from_argv
 from ..tuning import compare, search
 from ..tuning.engine import RunsFailed
 from ..pipeline.options import ARGUMENT_TYPES
+from ..utils.errors import ConfigError
 
 
 def _floats(text: str) -> list[float]:
@@ -59,13 +60,13 @@ def _run(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, dict]:
         raise SystemExit(0)
     known, rest = parser.parse_known_args(argv)
     if any(a == "--accelerate_config" or a.startswith("--accelerate_config=") for a in rest):
-        raise ValueError(f"{prog} runs its trials as local processes (--workers); --accelerate_config is for "
+        raise ConfigError(f"{prog} runs its trials as local processes (--workers); --accelerate_config is for "
                          "hf-l2sp train.")
     options = options_from_argv(ARGUMENT_TYPES, rest, prog)
     if not options.get("output_dir"):
-        raise ValueError(f"{prog} needs --output_dir (in the recipe or as a flag): its results go there.")
+        raise ConfigError(f"{prog} needs --output_dir (in the recipe or as a flag): its results go there.")
     if known.workers < 1 or known.search_seeds < 1:
-        raise ValueError("--workers and --search_seeds must be >= 1.")
+        raise ConfigError("--workers and --search_seeds must be >= 1.")
     configure_command_logging()
     return known, options
 
@@ -75,7 +76,7 @@ def _user_facing(run):
     try:
         return run()
     except RunsFailed as err:
-        raise ValueError(str(err)) from err
+        raise ConfigError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +109,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     known, options = _run(list(sys.argv[2:] if argv is None else argv), "hf-l2sp compare", extra)
     if known.search_alpha is not None:
-        raise ValueError("hf-l2sp compare tunes each regularizer on its own grid (their scales differ); "
+        raise ConfigError("hf-l2sp compare tunes each regularizer on its own grid (their scales differ); "
                          "--search_alpha is for hf-l2sp search.")
     out = Path(options["output_dir"])
     result = _user_facing(lambda: compare(

@@ -24,6 +24,7 @@ from ..utils.logs import configure_command_logging
 from ..study import Study, full_plan, quick_plan, write_report
 from ..study.protocol import REGULARIZERS
 from ..study.sources import source_summary
+from ..utils.errors import ConfigError
 
 INVOCATIONS = "invocations.jsonl"
 
@@ -58,7 +59,7 @@ def build_plan(args: argparse.Namespace):
         known = [s.name for s in plan.settings]
         unknown = [s for s in wanted if s not in known]
         if unknown:
-            raise ValueError(f"Unknown setting(s) {unknown}; choices: {', '.join(known)}.")
+            raise ConfigError(f"Unknown setting(s) {unknown}; choices: {', '.join(known)}.")
         plan = dataclasses.replace(plan, settings=tuple(s for s in plan.settings if s.name in wanted))
     if args.regularizers:
         plan = dataclasses.replace(plan, regularizers=tuple(r.strip() for r in args.regularizers.split(",")))

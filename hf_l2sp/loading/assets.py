@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from ..utils.errors import ConfigError
 
 SCHEME = "hf_l2sp:"
 LITE0 = "efficientnet_lite0"
@@ -41,7 +42,7 @@ def resolve(name: str) -> str:
     }
     key = name[len(SCHEME):]
     if key not in builders:
-        raise ValueError(f"Unknown embedded asset {name!r}; available: {', '.join(SCHEME + k for k in builders)}.")
+        raise ConfigError(f"Unknown embedded asset {name!r}; available: {', '.join(SCHEME + k for k in builders)}.")
     return str(builders[key]())
 
 

@@ -13,6 +13,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 
 from . import assets
 from ..utils.hub import datasets_offline, is_local_path
+from ..utils.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
@@ -64,13 +65,13 @@ class DataArguments:
 
     def __post_init__(self):
         if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}.")
+            raise ConfigError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}.")
         if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1); got {self.validation_fraction}.")
+            raise ConfigError(f"validation_fraction must be in (0, 1); got {self.validation_fraction}.")
         for name in ("max_train_samples_per_class", "max_eval_samples", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 when set; got {value}.")
+                raise ConfigError(f"{name} must be >= 1 when set; got {value}.")
 
 
 @dataclass
@@ -91,11 +92,11 @@ class ImageData:
 def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
     """Load, check and split an image classification dataset (see `DataArguments`)."""
     if not args.dataset_name:
-        raise ValueError("dataset_name is required: a Hub dataset id or a local folder.")
+        raise ConfigError("dataset_name is required: a Hub dataset id or a local folder.")
     raw = _load_raw(args)
     train_name = args.train_split
     if train_name not in raw:
-        raise ValueError(f"Split {train_name!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
+        raise ConfigError(f"Split {train_name!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
     image_col = _image_column(raw[train_name], args.image_column)
     label_col, names, raw = _label_column(raw, train_name, args.label_column, assets.resolve(args.dataset_name))
 
@@ -103,7 +104,7 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
     val_defaults = tuple(n for n in VALIDATION_NAMES if n != test_name)  # e.g. food101 tests on 'validation'
     val_name = _pick_split(raw, args.validation_split, val_defaults, "validation_split")
     if val_name is not None and val_name in (train_name, test_name):
-        raise ValueError(f"validation_split {val_name!r} is also the train or test split; choose another.")
+        raise ConfigError(f"validation_split {val_name!r} is also the train or test split; choose another.")
     splits = {"train": raw[train_name]}
     if test_name:
         splits["test"] = raw[test_name]
@@ -116,7 +117,7 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
         n_train = len(splits["train"])
         n_val = max(math.ceil(args.validation_fraction * n_train), len(names))  # stratified: one per class at least
         if n_train - n_val < len(names):
-            raise ValueError(f"Split {train_name!r} has {n_train} images for {len(names)} classes: too few to carve "
+            raise ConfigError(f"Split {train_name!r} has {n_train} images for {len(names)} classes: too few to carve "
                              "a stratified validation split. Pass validation_split, or more data.")
         carved = splits["train"].train_test_split(test_size=n_val, seed=seed, stratify_by_column=label_col)
         splits["train"], splits["validation"] = carved["train"], carved["test"]
@@ -143,10 +144,10 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
 def load_evaluation_split(args: DataArguments, split: str, seed: int = 42) -> ImageData:
     """One split as is (no carving, no few-shot subset), checked like training data, as `splits["eval"]`."""
     if not args.dataset_name:
-        raise ValueError("dataset_name is required: a Hub dataset id or a local folder.")
+        raise ConfigError("dataset_name is required: a Hub dataset id or a local folder.")
     raw = _load_raw(args)
     if split not in raw:
-        raise ValueError(f"Split {split!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
+        raise ConfigError(f"Split {split!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
     image_col = _image_column(raw[split], args.image_column)
     label_col, names, raw = _label_column(raw, split, args.label_column, assets.resolve(args.dataset_name))
     ds = raw[split]
@@ -166,7 +167,7 @@ def _load_raw(args: DataArguments) -> DatasetDict:
     location = assets.resolve(args.dataset_name)  # embedded offline datasets ('hf_l2sp:digits')
     path = Path(location).expanduser()
     if is_local_path(location) and not path.exists():
-        raise FileNotFoundError(f"dataset_name {args.dataset_name!r}: no such folder. Give an existing local folder "
+        raise MissingFileError(f"dataset_name {args.dataset_name!r}: no such folder. Give an existing local folder "
                                 "(image folder, parquet repo or save_to_disk output) or a Hub id such as "
                                 "'user/dataset'.")
     try:
@@ -176,11 +177,11 @@ def _load_raw(args: DataArguments) -> DatasetDict:
             raw = load_dataset(location, args.dataset_config_name, revision=args.dataset_revision)
     except (FileNotFoundError, ConnectionError) as err:
         if path.exists():
-            raise ValueError(f"Could not read dataset folder {str(path)!r}: {err}") from err
+            raise ConfigError(f"Could not read dataset folder {str(path)!r}: {err}") from err
         hint = ("offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1) and it is not cached; run once with "
                 "network access, or point dataset_name at a local folder" if datasets_offline()
                 else "the Hub could not be reached or has no such dataset; check the id, or use a local folder")
-        raise ValueError(f"Could not load dataset {args.dataset_name!r}: {hint}. ({type(err).__name__}: {err})") from err
+        raise ConfigError(f"Could not load dataset {args.dataset_name!r}: {hint}. ({type(err).__name__}: {err})") from err
     return DatasetDict({"train": raw}) if isinstance(raw, Dataset) else raw
 
 
@@ -191,14 +192,14 @@ def _describe_features(ds: Dataset) -> str:
 def _image_column(ds: Dataset, override: str | None) -> str:
     if override:
         if override not in ds.features:
-            raise ValueError(f"image_column {override!r} is not a column. Columns: {_describe_features(ds)}.")
+            raise ConfigError(f"image_column {override!r} is not a column. Columns: {_describe_features(ds)}.")
         if not isinstance(ds.features[override], Image):
-            raise ValueError(f"image_column {override!r} is not an Image feature. Columns: {_describe_features(ds)}.")
+            raise ConfigError(f"image_column {override!r} is not an Image feature. Columns: {_describe_features(ds)}.")
         return override
     found = [n for n, f in ds.features.items() if isinstance(f, Image)]
     if len(found) != 1:
         what = "no Image column" if not found else f"several Image columns ({', '.join(found)})"
-        raise ValueError(f"Dataset has {what}; set image_column. Columns: {_describe_features(ds)}.")
+        raise ConfigError(f"Dataset has {what}; set image_column. Columns: {_describe_features(ds)}.")
     return found[0]
 
 
@@ -222,16 +223,16 @@ def _label_column(raw: DatasetDict, train: str, override: str | None,
     ds = raw[train]
     if override:
         if override not in ds.features:
-            raise ValueError(f"label_column {override!r} is not a column. Columns: {_describe_features(ds)}.")
+            raise ConfigError(f"label_column {override!r} is not a column. Columns: {_describe_features(ds)}.")
         col = override
     else:
         found = [n for n, f in ds.features.items() if isinstance(f, ClassLabel)]
         if len(found) > 1:
-            raise ValueError(f"Dataset has several ClassLabel columns ({', '.join(found)}); set label_column. "
+            raise ConfigError(f"Dataset has several ClassLabel columns ({', '.join(found)}); set label_column. "
                              f"Columns: {_describe_features(ds)}.")
         col = found[0] if found else next((n for n in ("label", "labels") if n in ds.features), None)
         if col is None:
-            raise ValueError(f"Dataset has no label column (no ClassLabel, no 'label'); set label_column. "
+            raise ConfigError(f"Dataset has no label column (no ClassLabel, no 'label'); set label_column. "
                              f"Columns: {_describe_features(ds)}." + _single_class_hint(source))
     feature = ds.features[col]
     if isinstance(feature, ClassLabel):
@@ -239,18 +240,18 @@ def _label_column(raw: DatasetDict, train: str, override: str | None,
     if not isinstance(feature, Value) or not (feature.dtype.startswith("int") or feature.dtype in ("string",
                                                                                                  "large_string")):
         kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
-        raise ValueError(f"label_column {col!r} holds {kind}, not class labels: use a ClassLabel, integer or "
+        raise ConfigError(f"label_column {col!r} holds {kind}, not class labels: use a ClassLabel, integer or "
                          f"short-string column. Columns: {_describe_features(ds)}.")
     values = sorted({v for split in raw.values() if col in split.features for v in split[col]})
     rows = sum(len(split) for split in raw.values() if col in split.features)
     if not feature.dtype.startswith("int") and len(values) > max(10, rows // 2):
-        raise ValueError(f"label_column {col!r} looks like free text, not class labels: {len(values)} distinct "
+        raise ConfigError(f"label_column {col!r} looks like free text, not class labels: {len(values)} distinct "
                          f"values in {rows} rows (e.g. {values[0]!r}). Choose the column that names each image's "
                          f"class. Columns: {_describe_features(ds)}.")
     names = [str(v) for v in values]
     if feature.dtype.startswith("int"):
         if values and values[0] < 0:
-            raise ValueError(f"label_column {col!r} has negative labels ({values[0]}); labels must be 0..K-1.")
+            raise ConfigError(f"label_column {col!r} has negative labels ({values[0]}); labels must be 0..K-1.")
         names = [str(i) for i in range(int(values[-1]) + 1)] if values else []
     class_label = ClassLabel(names=names)
     mapping = {v: class_label.str2int(str(v)) for v in values}
@@ -267,18 +268,18 @@ def _pick_split(raw: DatasetDict, requested: str | None, defaults: tuple[str, ..
         return None
     if requested:
         if requested not in raw:
-            raise ValueError(f"{option} {requested!r} not found; splits: {sorted(raw)}.")
+            raise ConfigError(f"{option} {requested!r} not found; splits: {sorted(raw)}.")
         return requested
     return next((name for name in defaults if name in raw), None)
 
 
 def _check_labels(ds: Dataset, col: str, num_classes: int, split: str) -> None:
     if col not in ds.features:
-        raise ValueError(f"Split {split!r} has no label column {col!r}. Columns: {_describe_features(ds)}.")
+        raise ConfigError(f"Split {split!r} has no label column {col!r}. Columns: {_describe_features(ds)}.")
     labels = np.asarray(ds[col])
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
-        raise ValueError(f"Split {split!r} has {bad.size} labels outside 0..{num_classes - 1} "
+        raise ConfigError(f"Split {split!r} has {bad.size} labels outside 0..{num_classes - 1} "
                          f"(e.g. {sorted(set(bad.tolist()))[:5]}); unlabeled or corrupt rows must be removed.")
 
 
@@ -323,7 +324,7 @@ def check_images(splits: dict[str, Dataset], image_col: str, sources: dict[str, 
         if bad and not skip:
             row = ds[bad[0]][ROW]
             more = f" ({len(bad) - 1} more in this split)" if len(bad) > 1 else ""
-            raise ValueError(f"Cannot decode the image in row {row} of split {sources.get(name, name)!r}, column "
+            raise ConfigError(f"Cannot decode the image in row {row} of split {sources.get(name, name)!r}, column "
                              f"{image_col!r} ({errors[bad[0]]}){more}. Fix or remove it, or pass --skip_bad_images "
                              "true to drop such rows.")
         if bad:

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 from transformers import EvalPrediction
+from ..utils.errors import ConfigError
 
 METRIC_MODULES = ("top_k_accuracy", "per_class_accuracy")
 
 
 def metric_module_path(name: str) -> Path:
     if name not in METRIC_MODULES:
-        raise ValueError(f"Unknown metric module {name!r}; shipped: {', '.join(METRIC_MODULES)}.")
+        raise ConfigError(f"Unknown metric module {name!r}; shipped: {', '.join(METRIC_MODULES)}.")
     return Path(str(resources.files("hf_l2sp") / "loading" / "metric_modules" / name))
 
 
@@ -35,7 +36,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: 
     """`accuracy` (top-1), `top5_accuracy` (5+ classes), `mean_per_class_accuracy` and the `per_class` table."""
     logits, labels = np.asarray(logits, dtype=np.float32), np.asarray(labels)
     if logits.ndim != 2 or logits.shape[0] == 0:
-        raise ValueError(f"Cannot compute accuracy on an empty evaluation set (logits of shape {logits.shape}).")
+        raise ConfigError(f"Cannot compute accuracy on an empty evaluation set (logits of shape {logits.shape}).")
     num_classes = num_classes or logits.shape[1]
     top = load_metric("top_k_accuracy").compute(predictions=logits, references=labels, k=[1, 5])
     per_class = load_metric("per_class_accuracy").compute(predictions=logits.argmax(1), references=labels,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer; imported by name so a rename fails loudly
+from ..utils.errors import ConfigError
 
 #: Path components that wrappers insert into parameter names (DDP, torch.compile, FSDP, activation checkpointing).
 WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -116,7 +117,7 @@ def find_head_modules(model: nn.Module) -> list[str]:
         linears = [n for n, m in inner.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
         heads = linears[-1:] if num_labels else []
     if not heads:
-        raise ValueError(
+        raise ConfigError(
             f"Could not find the classification head of {type(inner).__name__}. Set sp_head to the head's module "
             "name(s), comma separated (e.g. sp_head='fc'), or sp_head='none' if it has no new head."
         )
@@ -146,7 +147,7 @@ def validate_head_modules(model: nn.Module, head_modules: list[str]) -> None:
     unknown = [h for h in head_modules if h not in known]
     if unknown:
         top = sorted(n for n in known if n and "." not in n)
-        raise ValueError(
+        raise ConfigError(
             f"sp_head names module(s) {unknown} that {type(unwrap_model(model)).__name__} does not have. "
             f"Top-level modules: {top}."
         )

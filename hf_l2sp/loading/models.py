@@ -21,6 +21,7 @@ from .model_parts import find_head_modules, head_parameter_names
 from ..utils.hub import download_snapshot, is_hub_id
 from ..utils.text import first_few
 from .weights import read_weights_folder
+from ..utils.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def load_backbone(name_or_path: str, id2label: dict[int, str], revision: str | N
     the checkpoint's; every other tensor must load from the checkpoint, else this raises naming the missing keys.
     """
     if not id2label:
-        raise ValueError("load_backbone needs the target labels (id2label), got none.")
+        raise ConfigError("load_backbone needs the target labels (id2label), got none.")
     folder, source = _resolve_folder(name_or_path, revision, cache_dir)
     config = _read_config(folder, source)
     if "architecture" in config and config.get("model_type") in (None, "timm_wrapper"):
@@ -92,7 +93,7 @@ def load_backbone(name_or_path: str, id2label: dict[int, str], revision: str | N
         model, new = _load_transformers(folder, id2label, source)
         kind, arch = "transformers", type(model).__name__
     else:
-        raise ValueError(f"{source!r} has a config.json that neither timm (no 'architecture') nor transformers "
+        raise ConfigError(f"{source!r} has a config.json that neither timm (no 'architecture') nor transformers "
                          "(no 'model_type') can read.")
     model.config._name_or_path = source  # provenance for logs and model cards (never a local cache path)
     return model, _report(model, new, source, revision, kind, arch)
@@ -106,12 +107,12 @@ def load_source_classifier(name_or_path: str, revision: str | None = None,
     names = config.get("label_names") or list((config.get("id2label") or {}).values())
     num_classes = config.get("num_classes") or len(names)
     if not num_classes:
-        raise ValueError(f"{source!r} has no classification head in its config (num_classes/label_names/id2label "
+        raise ConfigError(f"{source!r} has no classification head in its config (num_classes/label_names/id2label "
                          "missing); the Fisher needs the source model's own head.")
     id2label = {i: str(names[i]) if i < len(names) else f"LABEL_{i}" for i in range(num_classes)}
     model, report = load_backbone(name_or_path, id2label, revision, cache_dir)
     if report.new_tensors:
-        raise ValueError(f"The source head of {source!r} did not load ({', '.join(report.new_tensor_names)}); "
+        raise ConfigError(f"The source head of {source!r} did not load ({', '.join(report.new_tensor_names)}); "
                          "the Fisher must be computed with the pretrained head.")
     return model, report
 
@@ -133,11 +134,11 @@ def _timm_hub_id(name: str) -> str:
     import timm
 
     if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"Model {name!r} is not a local folder, a Hub id ('org/name') or a timm model name. "
+        raise ConfigError(f"Model {name!r} is not a local folder, a Hub id ('org/name') or a timm model name. "
                          "Examples: 'timm/resnet50.a1_in1k', 'resnet50.a1_in1k', './my_checkpoint'.")
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not getattr(cfg, "hf_hub_id", None):
-        raise ValueError(f"timm has no Hub weights for {name!r}; name a tag with weights, e.g. "
+        raise ConfigError(f"timm has no Hub weights for {name!r}; name a tag with weights, e.g. "
                          f"{(timm.list_pretrained(name.split('.')[0] + '*') or ['resnet50.a1_in1k'])[0]!r}.")
     return cfg.hf_hub_id
 
@@ -145,7 +146,7 @@ def _timm_hub_id(name: str) -> str:
 def _read_config(folder: Path, source: str) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"Model {source!r} has no config.json in {folder}; neither timm nor transformers "
+        raise MissingFileError(f"Model {source!r} has no config.json in {folder}; neither timm nor transformers "
                                 "can load it.")
     return json.loads(path.read_text())
 
@@ -178,7 +179,7 @@ def _load_timm(folder: Path, config: dict, id2label: dict[int, str], source: str
     missing = [k for k in target if k not in load and k not in head and not k.endswith("num_batches_tracked")]
     new |= {k for k in head if k not in load}
     if missing or problems:
-        raise ValueError(f"Pretrained weights of {source!r} do not fit timm '{config['architecture']}': "
+        raise ConfigError(f"Pretrained weights of {source!r} do not fit timm '{config['architecture']}': "
                          + "; ".join(filter(None, [_listed("missing", missing), _listed("mismatched", problems)]))
                          + ". Refusing to return a partly random backbone.")
     timm_model.load_state_dict(load, strict=False)
@@ -195,7 +196,7 @@ def _load_transformers(folder: Path, id2label: dict[int, str], source: str):
     missing = [k for k in info.get("missing_keys", []) if k not in head and not k.endswith("num_batches_tracked")]
     bad_mismatch = sorted(k for k in mismatched if k not in head)
     if missing or bad_mismatch:
-        raise ValueError(f"Pretrained weights of {source!r} do not fit {type(model).__name__}: "
+        raise ConfigError(f"Pretrained weights of {source!r} do not fit {type(model).__name__}: "
                          + "; ".join(filter(None, [_listed("missing", missing), _listed("mismatched", bad_mismatch)]))
                          + ". Refusing to return a partly random backbone.")
     new = {k for k in head if k in mismatched or k in info.get("missing_keys", [])}

@@ -8,6 +8,7 @@ import torch
 from datasets import DatasetDict, Image
 
 from .data import ROW, ImageData
+from ..utils.errors import ConfigError
 
 
 class ConfiguredTransform:
@@ -76,7 +77,7 @@ def _transform(image_col: str, label_col: str, tf: Callable, split: str, eval_co
                 image = decoder.decode_example(value) if isinstance(value, dict) else value
                 image = image.convert("RGB")
             except Exception as err:
-                raise ValueError(f"Cannot decode the image in row {row} of split {split!r} ({type(err).__name__}: "
+                raise ConfigError(f"Cannot decode the image in row {row} of split {split!r} ({type(err).__name__}: "
                                  f"{err}). Fix or remove it, or pass skip_bad_images=True to drop such rows.") from err
             pixels.append(tf(image))
         return {"pixel_values": pixels, "labels": batch[label_col]}

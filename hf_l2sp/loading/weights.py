@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..utils.hub import download_snapshot, is_hub_id
+from ..utils.errors import ConfigError, MissingFileError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -25,7 +26,7 @@ def read_state_dict(path_or_repo: str, revision: str | None = None, what: str = 
     if path.is_dir():
         return read_weights_folder(path)
     if not is_hub_id(path_or_repo):
-        raise FileNotFoundError(f"{what} {path_or_repo!r} is neither a file, a folder nor a Hub repo id.")
+        raise MissingFileError(f"{what} {path_or_repo!r} is neither a file, a folder nor a Hub repo id.")
     return read_weights_folder(download_snapshot(path_or_repo, f"{what} {path_or_repo!r}", revision))
 
 
@@ -34,14 +35,14 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
         try:
             return load_file(str(path))
         except SafetensorError as err:
-            raise ValueError(f"Weights file {str(path)!r} is not a readable safetensors file ({err}).") from err
+            raise ConfigError(f"Weights file {str(path)!r} is not a readable safetensors file ({err}).") from err
     if path.suffix in (".bin", ".pt", ".pth"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise ValueError(f"Weights file {str(path)!r} is not a readable torch checkpoint ({err}).") from err
+            raise ConfigError(f"Weights file {str(path)!r} is not a readable torch checkpoint ({err}).") from err
         return state.get("state_dict", state) if isinstance(state, dict) else state
-    raise ValueError(f"Unsupported weights file {path.name!r}; expected .safetensors, .bin, .pt or .pth.")
+    raise ConfigError(f"Unsupported weights file {path.name!r}; expected .safetensors, .bin, .pt or .pth.")
 
 
 def read_weights_folder(folder: Path) -> dict[str, Tensor]:
@@ -57,4 +58,4 @@ def read_weights_folder(folder: Path) -> dict[str, Tensor]:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return read_weights_file(folder / name)
-    raise FileNotFoundError(f"No weights file ({', '.join(WEIGHT_FILES)}) in {str(folder)!r}.")
+    raise MissingFileError(f"No weights file ({', '.join(WEIGHT_FILES)}) in {str(folder)!r}.")

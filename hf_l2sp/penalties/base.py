@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from typing import Any, ClassVar
+from ..utils.errors import ConfigError
 
 PAPER_CITATION = """@inproceedings{li2018explicit,
   title     = {Explicit Inductive Bias for Transfer Learning with Convolutional Networks},
@@ -21,7 +22,7 @@ PAPER_CITATION = """@inproceedings{li2018explicit,
 def check_coefficient(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}.")
     return value
 
 

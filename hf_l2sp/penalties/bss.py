@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..loading.model_parts import find_head_modules, unwrap_model
 from .feature import FeatureContext, FeatureRegularizer
 from .registry import register_feature_regularizer
+from ..utils.errors import ConfigError
 
 BSS_CITATION = """@inproceedings{chen2019catastrophic,
   title     = {Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe Transfer Learning},
@@ -42,7 +43,7 @@ class BatchSpectralShrinkage(FeatureRegularizer):
 
     def __init__(self, eta: float = 0.001, k: int = 1):
         if eta < 0 or k < 1:
-            raise ValueError(f"BSS needs eta >= 0 and k >= 1; got eta={eta}, k={k}.")
+            raise ConfigError(f"BSS needs eta >= 0 and k >= 1; got eta={eta}, k={k}.")
         self.eta, self.k = float(eta), int(k)
         self.head_modules: list[str] = []
         self._features: Tensor | None = None
@@ -50,7 +51,7 @@ class BatchSpectralShrinkage(FeatureRegularizer):
     @classmethod
     def check_config(cls, args, selected: bool) -> None:
         if args.sp_bss_k < 1:
-            raise ValueError(f"sp_bss_k must be >= 1; got {args.sp_bss_k}.")
+            raise ConfigError(f"sp_bss_k must be >= 1; got {args.sp_bss_k}.")
 
     @classmethod
     def from_config(cls, args) -> BatchSpectralShrinkage:

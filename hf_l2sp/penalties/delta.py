@@ -16,6 +16,7 @@ from ..loading.model_parts import canonical_name, unwrap_model
 from ..loading.stages import stage_modules
 from .feature import FeatureContext, FeatureRegularizer
 from .registry import register_feature_regularizer
+from ..utils.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 ATTENTION_FILE = "delta_attention.safetensors"
@@ -62,7 +63,7 @@ class DELTA(FeatureRegularizer):
     def __init__(self, alpha: float = 0.01, layers: list[str] | None = None, attention: str = "computed",
                  attention_batches: int = 4, warmup_steps: int = 50):
         if alpha < 0:
-            raise ValueError(f"sp_delta_alpha must be >= 0; got {alpha}.")
+            raise ConfigError(f"sp_delta_alpha must be >= 0; got {alpha}.")
         self.alpha, self.layers, self.attention_spec = float(alpha), layers, attention
         self.attention_batches, self.warmup_steps = attention_batches, warmup_steps
         self.weights: dict[str, Tensor] = {}
@@ -81,12 +82,12 @@ class DELTA(FeatureRegularizer):
         model = unwrap_model(model)
         self.layers = [canonical_name(name) for name in (self.layers or stage_modules(model))]
         if not self.layers:
-            raise ValueError(f"DELTA needs layers to compare; {type(model).__name__} has neither timm feature_info "
+            raise ConfigError(f"DELTA needs layers to compare; {type(model).__name__} has neither timm feature_info "
                              "nor transformers encoder.stages. Set sp_delta_layers to module names, comma separated.")
         known = {canonical_name(n) for n, _ in model.named_modules()}
         unknown = [name for name in self.layers if name not in known]
         if unknown:
-            raise ValueError(f"sp_delta_layers names unknown modules {unknown}.")
+            raise ConfigError(f"sp_delta_layers names unknown modules {unknown}.")
         self.source = build_source_copy(model, context.anchors, context.device)
         if self.attention_spec == "uniform":
             self.weights = {}
@@ -101,11 +102,11 @@ class DELTA(FeatureRegularizer):
         file = Path(path)
         file = file / ATTENTION_FILE if file.is_dir() else file
         if not file.is_file():
-            raise FileNotFoundError(f"sp_delta_attention {path!r}: not 'computed', 'uniform' or an attention file.")
+            raise MissingFileError(f"sp_delta_attention {path!r}: not 'computed', 'uniform' or an attention file.")
         weights = load_file(str(file))
         missing = [name for name in self.layers if name not in weights]
         if missing:
-            raise ValueError(f"DELTA attention file {path!r} has no weights for layers {missing}.")
+            raise ConfigError(f"DELTA attention file {path!r} has no weights for layers {missing}.")
         return {name: weights[name] for name in self.layers}
 
     # ---- per step ----------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def compute_channel_attention(model: nn.Module, layers: list[str], context: Feat
         if len(data) >= max(batches, 1):
             break
     if not data:
-        raise ValueError("DELTA channel attention needs training batches; the training set is empty.")
+        raise ConfigError("DELTA channel attention needs training batches; the training set is empty.")
     if head_params and warmup_steps:
         optimizer = torch.optim.SGD(head_params, lr=0.01, momentum=0.9, weight_decay=1e-4)
         probe.train()

@@ -9,6 +9,7 @@ from ..anchor.parameters import SPParameters, local_anchor
 from .weight import QuadraticForm, Regularizer
 from .kernels import half_squared_distance
 from .registry import register_regularizer
+from ..utils.errors import ConfigError
 
 
 @register_regularizer("l2_sp_fisher")
@@ -33,17 +34,17 @@ class L2SPFisher(Regularizer):
     def __init__(self, alpha: float = 0.0, beta: float = 0.0, fisher: FisherDiagonal | None = None):
         super().__init__(alpha, beta)
         if fisher is None:
-            raise ValueError("l2_sp_fisher needs a Fisher diagonal: set sp_fisher to a Fisher file or Hub repo.")
+            raise ConfigError("l2_sp_fisher needs a Fisher diagonal: set sp_fisher to a Fisher file or Hub repo.")
         self.fisher = fisher
         self._weights: list[Tensor] | None = None
 
     @classmethod
     def check_config(cls, args, selected: bool) -> None:
         if selected and not args.sp_fisher:
-            raise ValueError("regularizer='l2_sp_fisher' needs sp_fisher: a Fisher-diagonal file, folder or Hub repo "
+            raise ConfigError("regularizer='l2_sp_fisher' needs sp_fisher: a Fisher-diagonal file, folder or Hub repo "
                              "(estimate one with `hf-l2sp fisher`).")
         if args.sp_fisher and not selected:
-            raise ValueError(f"sp_fisher is only used by regularizer='l2_sp_fisher', not {args.regularizer!r}; "
+            raise ConfigError(f"sp_fisher is only used by regularizer='l2_sp_fisher', not {args.regularizer!r}; "
                              "remove sp_fisher or switch the regularizer.")
 
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING
+from ..utils.errors import ConfigError
 
 if TYPE_CHECKING:
     from .base import Penalty
@@ -18,19 +19,19 @@ _NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 def _register(registry: dict, kind: str, name: str):
     if not _NAME.match(name):
-        raise ValueError(f"Penalty name {name!r} must be lower snake_case (e.g. 'l2_sp').")
+        raise ConfigError(f"Penalty name {name!r} must be lower snake_case (e.g. 'l2_sp').")
 
     def decorate(cls):
         if getattr(cls, "kind", None) != kind:
             raise TypeError(f"{cls.__qualname__} is registered as a {kind} penalty but is a {cls.kind or 'plain'} "
                             "class; subclass Regularizer (weight) or FeatureRegularizer (feature).")
         if not cls.formula:
-            raise ValueError(f"{cls.__qualname__} ({name!r}) must set `formula`.")
+            raise ConfigError(f"{cls.__qualname__} ({name!r}) must set `formula`.")
         if bool(cls.search_fields) != bool(cls.search_grid):
-            raise ValueError(f"{cls.__qualname__} ({name!r}): search_fields and search_grid go together.")
+            raise ConfigError(f"{cls.__qualname__} ({name!r}): search_fields and search_grid go together.")
         owner = REGULARIZERS.get(name) or FEATURE_REGULARIZERS.get(name)
         if owner is not None and owner is not cls:
-            raise ValueError(f"Penalty {name!r} is already registered by {owner.__qualname__}.")
+            raise ConfigError(f"Penalty {name!r} is already registered by {owner.__qualname__}.")
         cls.name = name
         registry[name] = cls
         return cls
@@ -61,7 +62,7 @@ def all_names() -> list[str]:
 def get_penalty_class(name: str) -> type[Penalty]:
     cls = REGULARIZERS.get(name) or FEATURE_REGULARIZERS.get(name)
     if cls is None:
-        raise ValueError(f"Unknown penalty {name!r}. Valid choices: {', '.join(all_names())}.")
+        raise ConfigError(f"Unknown penalty {name!r}. Valid choices: {', '.join(all_names())}.")
     return cls
 
 
@@ -73,6 +74,6 @@ def get_regularizer_class(name: str) -> type:
     try:
         return REGULARIZERS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown regularizer {name!r}. Valid choices: {', '.join(list_regularizers())}."
         ) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .registry import FEATURE_REGULARIZERS, REGULARIZERS, all_names
+from ..utils.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,12 @@ def parse_regularizer(spec: str) -> RegularizerSpec:
     parts = [p.strip() for p in str(spec).split("+") if p.strip()]
     unknown = [p for p in parts if p not in REGULARIZERS and p not in FEATURE_REGULARIZERS]
     if not parts or unknown:
-        raise ValueError(f"Unknown regularizer {spec!r}. Valid choices: {', '.join(all_names())}, or one weight "
+        raise ConfigError(f"Unknown regularizer {spec!r}. Valid choices: {', '.join(all_names())}, or one weight "
                          "penalty and feature penalties joined by '+' (e.g. 'l2_sp+bss').")
     weights = [p for p in parts if p in REGULARIZERS]
     features = tuple(p for p in parts if p in FEATURE_REGULARIZERS)
     if len(weights) > 1 or len(set(features)) != len(features):
-        raise ValueError(f"regularizer {spec!r}: at most one weight penalty ({', '.join(sorted(REGULARIZERS))}) and "
+        raise ConfigError(f"regularizer {spec!r}: at most one weight penalty ({', '.join(sorted(REGULARIZERS))}) and "
                          "each feature penalty once.")
     if weights:
         return RegularizerSpec(weights[0], features, True)

@@ -21,6 +21,7 @@ from ..loading.models import BackboneReport, data_config_of, load_backbone, set_
 from ..loading.transforms import collate_images, build_transforms, with_transforms
 from ..training.config import SPConfig
 from .options import ModelArguments
+from ..utils.errors import ConfigError, OutputExistsError
 
 logger = logging.getLogger("hf_l2sp.train")
 
@@ -58,7 +59,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
     """Refuse a non-empty output folder unless asked to overwrite or resuming (which reads its checkpoints)."""
     path = Path(output_dir)
     if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
-        raise FileExistsError(f"output_dir {output_dir!r} exists and is not empty. Choose another folder, pass "
+        raise OutputExistsError(f"output_dir {output_dir!r} exists and is not empty. Choose another folder, pass "
                               "--overwrite_output_dir to write into it, or --resume_from_checkpoint to continue.")
 
 
@@ -74,7 +75,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, args: SPConfi
     the local folder is complete (Trainer would create the Hub repo at construction and push at every save).
     """
     if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is required (in the recipe or as --model_name_or_path).")
+        raise ConfigError("model_name_or_path is required (in the recipe or as --model_name_or_path).")
     check_output_dir(args.output_dir, model_args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     run = prepare_run(model_args, data_args, args.seed, args.data_seed)
     logger.info("Backbone: %s", run.report)

@@ -14,6 +14,7 @@ from ..loading.data import DataArguments, load_image_dataset
 from ..loading.models import data_config_of, load_source_classifier
 from ..loading.transforms import build_transforms, collate_images, with_transforms
 from ..utils.hub import public_name
+from ..utils.errors import ConfigError
 
 
 @dataclass
@@ -35,16 +36,16 @@ class FisherArguments:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}.")
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}.")
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1; got {self.num_samples}.")
+            raise ConfigError(f"num_samples must be >= 1; got {self.num_samples}.")
 
 
 
 def estimate_fisher_file(options: FisherArguments, data_args: DataArguments):
     """Estimate and write the Fisher diagonal (on the main process); returns the path written (None elsewhere)."""
     if not options.model or not options.output:
-        raise ValueError("--model and --output are required.")
+        raise ConfigError("--model and --output are required.")
     from accelerate import PartialState
 
     state = PartialState()  # joins the process group under accelerate launch / torchrun

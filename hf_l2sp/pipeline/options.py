@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from ..loading.data import DataArguments
 from ..training.config import SPConfig
+from ..utils.errors import ConfigError
 
 
 @dataclass
@@ -129,7 +130,7 @@ def parse_options(options: dict) -> tuple[ModelArguments, DataArguments, SPConfi
     """(ModelArguments, DataArguments, SPConfig) from a recipe-like mapping, typed as `hf-l2sp train` types them."""
     unknown = unknown_options(options, ARGUMENT_TYPES)
     if unknown:
-        raise ValueError(f"Unknown option(s) {', '.join(unknown)}; see `hf-l2sp train --help` for the valid ones.")
+        raise ConfigError(f"Unknown option(s) {', '.join(unknown)}; see `hf-l2sp train --help` for the valid ones.")
     parser = make_parser(ARGUMENT_TYPES, "hf_l2sp", "")
     parser.set_defaults(**options)
     return parser.parse_args_into_dataclasses(args=[])[: len(ARGUMENT_TYPES)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from ..penalties import all_names
 from ..penalties.spec import grid_parameter, search_space
+from ..utils.errors import ConfigError
 
 
 
@@ -102,9 +103,9 @@ class StudyPlan:
     def __post_init__(self):
         unknown = [r for r in self.regularizers if r not in GRIDS]
         if unknown:
-            raise ValueError(f"Unknown study regularizer(s) {unknown}; choices: {', '.join(REGULARIZERS)}.")
+            raise ConfigError(f"Unknown study regularizer(s) {unknown}; choices: {', '.join(REGULARIZERS)}.")
         if set(self.seeds) & set(self.selection_seeds):
-            raise ValueError("selection_seeds must differ from seeds: the final runs must not reuse the splits "
+            raise ConfigError("selection_seeds must differ from seeds: the final runs must not reuse the splits "
                              "the hyperparameters were chosen on.")
 
 

@@ -13,6 +13,7 @@ from ..penalties import REGULARIZERS, all_names, registered
 from ..penalties.base import check_coefficient
 from ..penalties.spec import parse_regularizer
 from .optimizer_side import SP_MODES
+from ..utils.errors import ConfigError
 
 
 @dataclass
@@ -133,16 +134,16 @@ class SPArguments:
                 setattr(self, name, check_coefficient(name, getattr(self, name)))
             penalty.check_config(self, selected=penalty.name in spec.names)
         if self.sp_include not in INCLUDE_CHOICES:
-            raise ValueError(f"sp_include must be one of {', '.join(INCLUDE_CHOICES)}; got {self.sp_include!r}.")
+            raise ConfigError(f"sp_include must be one of {', '.join(INCLUDE_CHOICES)}; got {self.sp_include!r}.")
         if self.sp_mode not in SP_MODES:
-            raise ValueError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}.")
+            raise ConfigError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}.")
         weight = REGULARIZERS[spec.weight]
         if self.sp_mode != "loss" and not weight.supports_optimizer_side:
             closed_form = ", ".join(n for n, c in REGULARIZERS.items() if c.supports_optimizer_side)
-            raise ValueError(f"sp_mode={self.sp_mode!r} needs a quadratic regularizer ({closed_form}); "
+            raise ConfigError(f"sp_mode={self.sp_mode!r} needs a quadratic regularizer ({closed_form}); "
                              f"{self.regularizer!r} has no closed-form gradient step. Use sp_mode='loss'.")
         if spec.features and self.sp_mode != "loss":
-            raise ValueError(f"Feature penalties ({', '.join(spec.features)}) act through the loss; they need "
+            raise ConfigError(f"Feature penalties ({', '.join(spec.features)}) act through the loss; they need "
                              f"sp_mode='loss', not {self.sp_mode!r}.")
         if getattr(self, "weight_decay", 0) > 0 and weight.pulls_to_source:
             warnings.warn(

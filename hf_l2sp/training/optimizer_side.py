@@ -23,6 +23,7 @@ from torch import Tensor
 from ..anchor.parameters import SPParameters, local_view
 from ..penalties.weight import PenaltyTerms, QuadraticForm
 from ..penalties.kernels import sum_of_squares
+from ..utils.errors import ConfigError
 
 SP_MODES = ("loss", "grad", "decoupled")
 _NEVER = object()
@@ -37,7 +38,7 @@ class OptimizerSidePenalty:
 
     def __init__(self, mode: str, form: QuadraticForm, params: SPParameters, on_terms=None, step_key=None):
         if mode not in ("grad", "decoupled"):
-            raise ValueError(f"OptimizerSidePenalty mode must be 'grad' or 'decoupled', got {mode!r}.")
+            raise ConfigError(f"OptimizerSidePenalty mode must be 'grad' or 'decoupled', got {mode!r}.")
         self.mode, self.form, self.on_terms = mode, form, on_terms
         # `grad` is added once per optimizer step: `step_key()` names the step (the trainer's global step), so a
         # step the scaler skipped (no pre-hook call) cannot leave the next one without its gradient.

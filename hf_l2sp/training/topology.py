@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from accelerate.utils import DistributedType
 
+from ..utils.errors import UserError
 
-class UnsupportedTopologyError(NotImplementedError):
+
+class UnsupportedTopologyError(UserError, NotImplementedError):
     pass
 
 

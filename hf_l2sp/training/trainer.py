@@ -37,6 +37,7 @@ from .optimizer_side import OptimizerSidePenalty
 from .compat import check_trainer_hooks, loss_comes_from_model
 from .state import OptimizerHook, PenaltyState
 from .topology import check_supported
+from ..utils.errors import ConfigError, DivergedError
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ class PenaltyMixin:
 
     def _check_penalty_finite(self) -> None:
         if (step := self.sp.log.first_bad_step()) is not None:
-            raise FloatingPointError(
+            raise DivergedError(
                 f"The {self.sp.spec.label} penalty became NaN/inf at optimizer step {step} "
                 f"({self.sp.regularizer}). Training stopped before anything else was saved; lower the learning rate or "
                 "sp_alpha, or check the inputs of that step."
@@ -350,7 +351,7 @@ class PenaltyMixin:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no completely "
+                raise ConfigError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no completely "
                                  "written checkpoint-N folder.")
         if resume_from_checkpoint:
             self._restore_anchor(str(resume_from_checkpoint))

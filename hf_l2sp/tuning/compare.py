@@ -19,6 +19,7 @@ from typing import Any
 from .engine import Trial, run_trials
 from .search import base_settings, search
 from .selection import resolution_note
+from ..utils.errors import ConfigError
 
 FINAL_FIELDS = ("size", "regularizer", "seed", "value", "learning_rate", "val_accuracy", "test_accuracy",
                 "test_mean_per_class_accuracy", "drift", "train_rows", "head_init", "train_seconds")
@@ -34,9 +35,9 @@ def compare(options: dict[str, Any], output_dir: str | Path, regularizers: list[
     shared. Returns {size: {regularizer: summary}} and writes everything under `output_dir`.
     """
     if len(regularizers) < 2 or len(set(regularizers)) != len(regularizers):
-        raise ValueError(f"compare needs at least two different regularizers; got {regularizers}.")
+        raise ConfigError(f"compare needs at least two different regularizers; got {regularizers}.")
     if final_seeds < 1:
-        raise ValueError(f"final_seeds must be >= 1; got {final_seeds}.")
+        raise ConfigError(f"final_seeds must be >= 1; got {final_seeds}.")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _, _, base_seed = base_settings(options)

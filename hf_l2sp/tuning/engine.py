@@ -27,6 +27,7 @@ from typing import Any
 
 from ..pipeline.options import parse_options
 from ..utils.files import write_text_atomically
+from ..utils.errors import ConfigError
 
 logger = logging.getLogger("hf_l2sp.tuning")
 
@@ -84,7 +85,7 @@ def run_trial(trial: Trial) -> dict:
         run = prepare_run(model_args, data_args, seed=trial.seed, data_seed=trial.data_seed)
         data, splits = run.data, run.splits
         if args.dataloader_drop_last and len(splits["train"]) < args.per_device_train_batch_size:
-            raise ValueError(f"{trial.key}: {len(splits['train'])} training images, fewer than one batch of "
+            raise ConfigError(f"{trial.key}: {len(splits['train'])} training images, fewer than one batch of "
                              f"{args.per_device_train_batch_size}; lower the batch size or raise the size per class.")
         head = _head_fingerprint(run.model)
         trainer = run.trainer(args)

@@ -23,6 +23,7 @@ from ..penalties.spec import SearchSpace, search_space
 from ..pipeline.options import parse_options
 from .engine import RUN_CONTROL, Trial, run_trials
 from .selection import choose, resolution_note
+from ..utils.errors import ConfigError
 
 logger = logging.getLogger("hf_l2sp.tuning")
 SEARCH_OFFSET = 100  # search seeds are base seed + 100 + k: never the final runs' seeds (base seed + k)
@@ -53,10 +54,10 @@ def search(options: dict[str, Any], output_dir: str | Path, *, values: list[floa
     space = search_space(regularizer)
     grid = [None] if not space.fields else sorted(values or space.grid)
     if space.fields and any(v < 0 for v in grid):
-        raise ValueError(f"Search values must be >= 0; got {grid}.")
+        raise ConfigError(f"Search values must be >= 0; got {grid}.")
     lrs = sorted(learning_rates) if learning_rates else [base_lr]
     if seeds < 1:
-        raise ValueError(f"seeds must be >= 1; got {seeds}.")
+        raise ConfigError(f"seeds must be >= 1; got {seeds}.")
     if n_trials is not None and space.fields:
         rows = _tpe(options, output_dir, space, grid, lrs, n_trials, seeds, base_seed, regularizer)
     else:
@@ -114,11 +115,11 @@ def _tpe(options, output_dir, space: SearchSpace, grid, lrs, n_trials, seeds, ba
     from ..loading.transforms import build_transforms, collate_images, with_transforms
 
     if seeds != 1:
-        raise ValueError("n_trials (TPE) runs one seed per trial (Trainer.hyperparameter_search); use a grid "
+        raise ConfigError("n_trials (TPE) runs one seed per trial (Trainer.hyperparameter_search); use a grid "
                          "(search_alpha) for several seeds per value.")
     low, high = min(grid), max(grid)
     if low <= 0 or low == high:
-        raise ValueError(f"TPE searches log(value) between the grid's ends; got [{low}, {high}]. Give at least two "
+        raise ConfigError(f"TPE searches log(value) between the grid's ends; got [{low}, {high}]. Give at least two "
                          "positive values.")
     seed = base_seed + SEARCH_OFFSET
     model_args, data_args, args = parse_options({**options, **RUN_CONTROL, "output_dir": str(output_dir / "tpe"),
@@ -170,7 +171,7 @@ def choose_point(rows: list[dict]) -> dict:
     the choice each seed alone would have made, and whether the validation split resolves the margin. Reads
     validation results only."""
     if not rows:
-        raise ValueError("No finished search runs to choose from.")
+        raise ConfigError("No finished search runs to choose from.")
     chosen = choose([{**r, "point": (r["value"], r["learning_rate"])} for r in rows], "point")
     choice = {**chosen.as_dict(), "resolved": chosen.resolved}
     (value, lr) = choice.pop("value")

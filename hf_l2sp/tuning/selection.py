@@ -6,6 +6,7 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from ..utils.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,10 @@ def choose(records: list[dict], field: str) -> Choice:
     for record in records:
         by_value[record[field]][record["seed"]] = record["val_accuracy"]
     if not by_value:
-        raise ValueError(f"No selection runs to choose {field} from.")
+        raise ConfigError(f"No selection runs to choose {field} from.")
     seeds = sorted(set.intersection(*(set(v) for v in by_value.values())))
     if not seeds:
-        raise ValueError(f"The selection runs for {field} share no seed; cannot compare grid values.")
+        raise ConfigError(f"The selection runs for {field} share no seed; cannot compare grid values.")
     means = {value: statistics.fmean(per_seed[s] for s in seeds) for value, per_seed in by_value.items()}
     losses = _mean_losses(records, field, seeds)
     ranked = sorted(means, key=lambda v: (-means[v], losses.get(v, math.inf), v))

@@ -7,11 +7,13 @@ import os
 import re
 from pathlib import Path
 
+from .errors import UserError
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.bin")
 
 
-class HubUnavailableError(OSError):
+class HubUnavailableError(UserError, OSError):
     """Something had to come from the Hub and could not (offline, unreachable, no such repo)."""
 
 
