@@ -38,7 +38,7 @@ class ModelArguments:
 ARGUMENT_TYPES = (ModelArguments, DataArguments, SPConfig)
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe file that cannot be used as is."""
 
 
