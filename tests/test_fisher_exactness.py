@@ -110,3 +110,34 @@ def test_weight_standardised_and_unruled_layers_go_to_vmap():
     with pytest.raises(ValueError, match=r"method='hooks' has no per-sample rule for layers \[.*\] of NormFreeNet; "
                                          r"use method='auto'"):
         estimate_fisher(model, data()[:1], "exact", method="hooks")
+
+
+class InPlaceAfterFirstLayer(nn.Module):
+    """The first layer with a per-sample rule is followed by an in-place activation and nothing before it is a
+    hooks target (here: a weight-standardised conv before it goes to vmap), as in nf_regnet's stage-0 SE `fc1`."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import StdConv2d
+
+        self.stem = StdConv2d(3, 4, 3)  # no per-sample rule: vmap
+        self.fc1 = nn.Conv2d(4, 6, 1)  # the first hooked layer ...
+        self.act = nn.ReLU(inplace=True)  # ... modified in place right after
+        self.fc2 = nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.fc2(self.act(self.fc1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_in_place_activation_after_the_first_hooked_layer(mode):
+    """Issue 22c: that layer's Fisher came out 0, because the backward never reached the value before the ReLU."""
+    torch.manual_seed(0)
+    model = InPlaceAfterFirstLayer().eval()
+    expected = brute_force(model, data(), mode)
+    assert expected["fc1.weight"].abs().max() > 1e-6  # the definition gives non-zero values
+    fisher = estimate_fisher(model, data(), mode, method="auto", draws=DRAWS, generator=torch.Generator().manual_seed(7))
+    assert json.loads(fisher.metadata["method_per_layer"])["fc1"] == "hooks"
+    assert_close_to(fisher, expected)

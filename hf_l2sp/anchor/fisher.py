@@ -211,6 +211,8 @@ def _add_with_hooks(model, x, labels, sums, mode, draws=1, generator=None):
 
     Returns the labels used ((batch, draws); drawn here from this forward in sampled mode), for the vmap path.
     """
+    # The input requires grad so that it can be a target when needed (below); nothing is computed for it otherwise.
+    x = x.detach().requires_grad_(True)
     with per_sample.SquaredGradAccumulator(model, sums) as acc:
         logp = logits_of(call_image_model(model, x)).float().log_softmax(-1)
         if mode == "sampled":
@@ -224,11 +226,15 @@ def _add_with_hooks(model, x, labels, sums, mode, draws=1, generator=None):
         if not acc.targets:
             raise ConfigError("estimate_fisher: no layer output requires grad; the model has no trainable parameters.")
         acc.passes = len(targets)  # picks each layer's route (see per_sample.py)
+        # An in-place activation right after a hooked layer, with no target before it: the backward would stop at
+        # the activation's output and never reach the hooked value, whose Fisher would read 0. Asking for the
+        # input's gradient carries the backward through it.
+        gradient_targets = [*acc.targets, x] if acc.modified_in_place() else acc.targets
         for index, (y, weights) in enumerate(targets):
             acc.weights = weights
             # Gradients with respect to the hooked layer outputs only: parameter gradients are never formed.
-            torch.autograd.grad(logp.gather(1, y[:, None]).sum(), acc.targets, retain_graph=index < len(targets) - 1,
-                                allow_unused=True)
+            torch.autograd.grad(logp.gather(1, y[:, None]).sum(), gradient_targets,
+                                retain_graph=index < len(targets) - 1, allow_unused=True)
     return labels
 
 

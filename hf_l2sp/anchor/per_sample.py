@@ -109,6 +109,7 @@ class SquaredGradAccumulator:
         # The hooked tensors of the current forward: backward passes need to reach these and nothing before them
         # (not the input image, whose gradient through the first conv would cost a full-resolution pass).
         self.targets: list[Tensor] = []
+        self._versions: list[tuple[Tensor, int]] = []  # each target and its version when its hook was registered
 
     def __enter__(self):
         for name, module in self.layers.items():
@@ -127,6 +128,7 @@ class SquaredGradAccumulator:
         self._cols.clear()
         self._gram.clear()
         self.targets.clear()
+        self._versions.clear()
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -157,6 +159,7 @@ class SquaredGradAccumulator:
             if not _is_bn_act(module) and output.requires_grad:
                 output.register_hook(lambda grad: self._accumulate(name, module, grad))
                 self.targets.append(output)
+                self._versions.append((output, output._version))
         return hook
 
     def _act_hook(self, name, module):
@@ -164,7 +167,14 @@ class SquaredGradAccumulator:
             if args[0].requires_grad:
                 args[0].register_hook(lambda grad: self._accumulate(name, module, grad))
                 self.targets.append(args[0])
+                self._versions.append((args[0], args[0]._version))
         return hook
+
+    def modified_in_place(self) -> bool:
+        """True when a hooked output was changed in place after its hook was registered (an in-place activation):
+        that hook sits on the value before the change, which the backward reaches only on its way to something
+        earlier. The caller then makes the model's input a target too."""
+        return any(tensor._version != version for tensor, version in self._versions)
 
     def _layer_input(self, name: str, module: nn.Module) -> Tensor:
         if isinstance(module, nn.Conv2d):
