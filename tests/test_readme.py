@@ -114,3 +114,16 @@ def test_compare_example_runs_as_written_as_a_script(tmp_path):
                                               '"save_strategy": "no", "load_best_model_at_end": False}',
         "final_seeds=3": "final_seeds=1"})
     assert "# hf-l2sp compare" in out and "| `l2_sp` |" in out
+
+
+def test_lora_example_runs_as_written(tmp_path):
+    pytest.importorskip("peft")
+    from .text_models import save_bert_base
+
+    local = save_bert_base(tmp_path / "bert")
+    out = run_as_script(python_block("get_peft_model", "save_merged_model"), tmp_path,
+                        {'"google-bert/bert-base-uncased"': repr(local),
+                         'report_to="none"': 'report_to="none", use_cpu=True'})
+    assert "'lora_layers': 2" in out and "'anchored_tensors': 0" in out  # the tiny BERT has one layer
+    assert (tmp_path / "runs" / "lora-merged" / "config.json").is_file()
+    assert "LoRA on 2 layers" in (tmp_path / "runs" / "lora-merged" / "README.md").read_text()

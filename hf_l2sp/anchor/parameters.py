@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from torch import Tensor, nn
 
 from ..utils.text import first_few
+from .adapters import AdapterPlan, LoraTerm
 from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, feature_weight_names, unwrap_model
 from ..utils.errors import ConfigError
 
@@ -30,6 +31,8 @@ class SPParameters:
     anchors: list[Tensor]
     head_names: list[str]
     head: list[Tensor]
+    #: PEFT LoRA adapters: their distance to the frozen base is computed from the factors (anchor/adapters.py).
+    lora: list[LoraTerm] = field(default_factory=list)
 
     @cached_property
     def sharded(self) -> bool:
@@ -37,12 +40,16 @@ class SPParameters:
         return any(is_sharded(p) for p in self.anchored + self.head)
 
     def summary(self) -> dict[str, int]:
-        return {
+        out = {
             "anchored_tensors": len(self.anchored),
             "anchored_parameters": sum(p.numel() for p in self.anchored),
             "head_tensors": len(self.head),
             "head_parameters": sum(p.numel() for p in self.head),
         }
+        if self.lora:
+            out.update(lora_layers=len(self.lora),
+                       lora_parameters=sum(t.lora_A.numel() + t.lora_B.numel() for t in self.lora))
+        return out
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -85,14 +92,16 @@ def local_anchor(anchor: Tensor, param: Tensor) -> Tensor:
     return distribute_tensor(anchor, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
-def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: str) -> SPParameters:
+def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: str,
+                       adapters: AdapterPlan | None = None) -> SPParameters:
     """Split the trainable parameters of `model` (any wrapper) into S (in `reference`, same shape) and S-bar.
 
     `reference` maps canonical names to anchors. `include='weights'` keeps only conv/linear weights in both sets
     (BatchNorm affine parameters and biases are free, as in the paper's code); `'all'` keeps every trainable tensor.
     Frozen tensors are never penalised. Under FSDP2 the parameters are DTensor shards: each anchor is cut to the
     local shard, the penalty is computed on local tensors (its gradient reaches each shard exactly) and the logged
-    values are partial sums that the trainer all-reduces.
+    values are partial sums that the trainer all-reduces. `adapters` (a PEFT model's plan): LoRA factors go to
+    `lora`, never to the plain sets, and a `modules_to_save` copy is anchored to its frozen original module.
     """
     if include not in INCLUDE_CHOICES:
         raise ConfigError(f"sp_include must be one of {INCLUDE_CHOICES}, got {include!r}.")
@@ -100,11 +109,15 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
     prefix = base_prefix(inner)
     allowed = feature_weight_names(inner) if include == "weights" else None
     sets = SPParameters([], [], [], [], [], [])
+    lora_names = set(adapters.lora_parameter_names) if adapters else set()
+    originals = adapters.originals if adapters else {}
     for name, param in model.named_parameters():
         cname = canonical_name(name)
+        if cname in lora_names:
+            continue
         if not param.requires_grad or (allowed is not None and cname not in allowed):
             continue
-        anchor = reference.get(cname)
+        anchor = originals.get(cname, reference.get(cname))
         if anchor is not None and tuple(anchor.shape) == tuple(param.shape):
             sets.anchored_names.append(cname)
             sets.anchored_keys.append(checkpoint_key(cname, prefix))
@@ -115,6 +128,8 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
         else:
             sets.head_names.append(cname)
             sets.head.append(param)
+    if adapters:
+        sets.lora = list(adapters.lora)
     return sets
 
 
@@ -127,7 +142,7 @@ def full_values(model: nn.Module) -> dict[str, Tensor]:
 def check_something_is_anchored(model: nn.Module, sets: SPParameters, regularizer, spec, include: str) -> None:
     """A weight penalty with alpha > 0 that anchors no tensor would silently become an L2 on the new tensors alone:
     refuse when trainable tensors are left out, warn when every trainable tensor is new."""
-    if not getattr(regularizer, "alpha", 0.0) or sets.anchored or not spec.weight_named:
+    if not getattr(regularizer, "alpha", 0.0) or sets.anchored or sets.lora or not spec.weight_named:
         return
     new = set(sets.head_names)
     free = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad and canonical_name(n) not in new]
@@ -138,3 +153,19 @@ def check_something_is_anchored(model: nn.Module, sets: SPParameters, regularize
                          "Use sp_include='all' to anchor every trainable tensor, or check sp_head.")
     warnings.warn(f"{message}: every trainable tensor is new, so alpha acts on nothing and only beta's L2 on the "
                   "new tensors remains.", UserWarning, stacklevel=3)
+
+
+def check_adapters_supported(sets: SPParameters, regularizer, features, sp_mode: str) -> None:
+    """LoRA adapters get only what is exact on their factors: refuse the rest, naming what would work."""
+    if not sets.lora:
+        return
+    if not regularizer.supports_adapters:
+        raise ConfigError(f"regularizer {regularizer.name!r} has no exact form on LoRA adapters without forming "
+                          "B A for every layer at every step; use l2_sp or group_lasso_sp (exact on the factors), "
+                          "or regularizer='none'.")
+    if sp_mode != "loss":
+        raise ConfigError(f"sp_mode={sp_mode!r} applies a closed-form gradient to plain tensors; on LoRA adapters "
+                          "the penalty acts through the loss: use sp_mode='loss'.")
+    if any(f.name == "delta" for f in features):
+        raise ConfigError("DELTA compares feature maps with a frozen copy of the source network; with LoRA that "
+                          "is not built yet. Use l2_sp (or add bss).")

@@ -39,15 +39,16 @@ class Reference:
 
     @classmethod
     def snapshot(cls, model: nn.Module, head_modules: list[str], device: torch.device | str | None = None,
-                 source: str | None = None, new_names: Iterable[str] = ()) -> Reference:
+                 source: str | None = None, new_names: Iterable[str] = (),
+                 trainable_only: bool = False) -> Reference:
         """Copy every parameter of `model` except the head's and `new_names` (detached, in the parameter's own
-        dtype, on `device`)."""
+        dtype, on `device`). `trainable_only`: skip frozen tensors too (a PEFT model's frozen base is its own w0)."""
         heads = head_parameter_names(model, head_modules) | set(new_names)
         tensors = {}
         with torch.no_grad():
             for name, param in unwrap_model(model).named_parameters():
                 cname = canonical_name(name)
-                if cname not in heads:
+                if cname not in heads and (param.requires_grad or not trainable_only):
                     tensors[cname] = param.detach().to(device=device or param.device, copy=True)
         name = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or type(model).__name__
         base = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", None) or None

@@ -147,6 +147,7 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
         "is_timm": is_timm,
         "results": results_from_metrics(metrics),
         "drift_stages": (drift or {}).get("stages", []),
+        "drift_adapters": (drift or {}).get("adapters", []),
         "drift_plot": bool((drift or {}).get("plot")),
         "hyperparameters": hyperparameters,
         "versions": versions(),

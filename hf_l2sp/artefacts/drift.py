@@ -55,6 +55,18 @@ def compute_drift(model: nn.Module, reference: dict[str, Tensor], penalised: set
     return {"layers": layers, "stages": stage_rows, "total": _row("total", *total)}
 
 
+def adapter_drift(terms) -> list[dict]:
+    """One row per LoRA layer: ||W - W0|| = s ||B A|| (from the factors), ||W0|| and their ratio."""
+    rows = []
+    with torch.no_grad():
+        for term in terms:
+            distance = float(term.squared_distance().clamp_min(0).sqrt())
+            norm = float(term.base_weight.float().norm())
+            rows.append({"name": term.name, "distance": distance, "reference_norm": norm,
+                         "relative_distance": distance / norm if norm > 0 else None})
+    return rows
+
+
 def _row(stage: str, sq_dist: float, sq_ref: float, numel: int) -> dict:
     return {"stage": stage, "numel": numel, "distance": math.sqrt(sq_dist), "reference_norm": math.sqrt(sq_ref),
             "relative_distance": math.sqrt(sq_dist) / math.sqrt(sq_ref) if sq_ref > 0 else None}

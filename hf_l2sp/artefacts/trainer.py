@@ -9,11 +9,14 @@ model card. Checkpoints keep only what resuming needs (see `PenaltyMixin._save_c
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 
+from ..anchor.adapters import is_peft_model
 from ..anchor.fisher_io import FISHER_FILENAME, save_fisher
+from ..utils.errors import ConfigError
 from ..anchor.parameters import full_values
 from ..loading.model_parts import model_task, unwrap_model
 from ..loading.models import is_timm_wrapper, set_eval_data_config
@@ -25,7 +28,7 @@ from ..training.trainer import PenaltyMixin
 from ..utils.files import write_text_atomically
 from ..utils.version import __version__
 from .card import card_facts, non_default_hyperparameters, render_model_card
-from .drift import DRIFT_JSON, compute_drift, save_drift
+from .drift import DRIFT_JSON, adapter_drift, compute_drift, save_drift
 from .formats import finalize_timm_folder, prepare_config_for_save
 
 SP_CONFIG_FILE = "sp_config.json"
@@ -112,6 +115,8 @@ class SPMixin(PenaltyMixin):
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             drift = compute_drift(self.model, anchors, set(self.sp_parameters().anchored_names), values=values)
+            if self.sp_parameters().lora:  # PEFT: each adapted layer's distance s ||B A|| to its frozen base
+                drift["adapters"] = adapter_drift(self.sp_parameters().lora)
             save_drift(drift, folder, title=f"{folder.name}: {self.regularizer.name}")  # sets drift["plot"] if drawn
             if getattr(self.regularizer, "fisher", None) is not None:
                 save_fisher(self.regularizer.fisher, folder / FISHER_FILENAME)
@@ -119,6 +124,20 @@ class SPMixin(PenaltyMixin):
             write_text_atomically(folder / SP_CONFIG_FILE, json.dumps(self._sp_provenance(), indent=2))
             self._render_card(drift).save(folder / "README.md")
         self._artefacts_written = key
+
+    def save_merged_model(self, output_dir: str) -> None:
+        """PEFT: the adapters merged into the base weights (`merge_and_unload` on a copy; the trained model keeps
+        its adapters), saved as a plain transformers checkpoint with the run's card, drift and `sp_config.json`.
+        The copy costs one more model in memory while it is written."""
+        model = unwrap_model(self.model)
+        if not is_peft_model(model):
+            raise ConfigError(f"save_merged_model is for PEFT models; {type(model).__name__} has no adapters to "
+                              "merge. Use save_model().")
+        if self.args.should_save:
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(output_dir)
+            del merged
+        self.write_artefacts(output_dir)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Trainer.push_to_hub calls this: write our card (formula, alpha, beta, drift, results) as README.md."""

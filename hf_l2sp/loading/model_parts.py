@@ -21,8 +21,24 @@ def _is_feature_layer(module: nn.Module) -> bool:
 
 
 def canonical_name(name: str) -> str:
-    """Parameter name with wrapper components removed: 'module._orig_mod.fc.weight' -> 'fc.weight'."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+    """Parameter name with wrapper components removed: 'module._orig_mod.fc.weight' -> 'fc.weight'.
+
+    PEFT's too: the 'base_model.model.' prefix, LoRA's 'base_layer' (the wrapped original) and
+    'modules_to_save.<adapter>' (a trained copy), so that a frozen base weight keeps its checkpoint name and a copy
+    takes the name of the module it replaces; a copy's frozen 'original_module' keeps its own name.
+    """
+    parts = [part for part in name.split(".") if part not in WRAPPER_COMPONENTS]
+    if parts[:2] == ["base_model", "model"]:
+        parts = parts[2:]
+    out, skip = [], False
+    for i, part in enumerate(parts):
+        if skip:
+            skip = False
+        elif part == "modules_to_save" and i + 1 < len(parts):
+            skip = True  # and the adapter name after it
+        elif part != "base_layer":
+            out.append(part)
+    return ".".join(out)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -36,9 +52,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def peft_base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT model (LoRA layers injected), or the unwrapped model itself."""
+    inner = unwrap_model(model)
+    return inner.get_base_model() if hasattr(inner, "peft_config") and hasattr(inner, "get_base_model") else inner
+
+
 def base_prefix(model: nn.Module) -> str:
     """The transformers base-model prefix ('timm_model', 'vit', ...) or '' for a plain module."""
-    return getattr(unwrap_model(model), "base_model_prefix", "") or ""
+    return getattr(peft_base_model(model), "base_model_prefix", "") or ""
 
 
 def checkpoint_key(name: str, prefix: str) -> str:
@@ -102,7 +124,7 @@ def find_head_modules(model: nn.Module) -> list[str]:
     classifier (a causal or masked LM, a bare encoder) has no such head: []. Raises for a classifier whose head
     cannot be found.
     """
-    inner = unwrap_model(model)
+    inner = peft_base_model(model)
     timm_model = getattr(inner, "timm_model", None)
     if timm_model is not None:
         heads = [f"timm_model.{name}" for name in _timm_head_modules(timm_model)]
@@ -158,8 +180,7 @@ def model_task(model: nn.Module) -> str | None:
     from transformers' own auto-class tables (a rename there fails at import, loudly); None when unknown."""
     from transformers.models.auto import modeling_auto as auto
 
-    inner = unwrap_model(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+    inner = peft_base_model(model)
     if hasattr(inner, "timm_model"):
         return "image-classification"
     tables = (("image-classification", auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES),

@@ -43,9 +43,12 @@ class NewTensors:
     head_modules: list[str]
     from_checkpoint: list[str] = field(default_factory=list)
     checkpoint: str | None = None
+    note: str | None = None  # set instead of the checkpoint rule (PEFT adapters)
 
     def describe(self) -> str:
         head = ", ".join(self.head_modules) or "none"
+        if self.note:
+            return f"task head: {head}; {self.note}"
         if self.checkpoint is None:
             return f"task head: {head} (no source checkpoint readable: its key list was not checked)"
         extra = sorted(set(self.from_checkpoint) - set(self.names_in_head))

@@ -5,6 +5,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..anchor.adapters import LoraTerm
 from .weight import Regularizer
 from .registry import register_regularizer
 
@@ -17,13 +18,15 @@ class GroupLassoSP(Regularizer):
 
     A group g is one slice of a tensor along dim 0 (the fan-in of one filter: in x kh x kw elements for a conv
     weight, in_features for a linear weight, a single element for a 1-D tensor), p_g its element count.
-    The norm's gradient at w_g = w0_g is taken as 0 (the subgradient PyTorch uses).
+    The norm's gradient at w_g = w0_g is taken as 0 (the subgradient PyTorch uses). On a LoRA adapter
+    (W - W0 = s B A) row g's norm is s sqrt(B_g (A A^T) B_g^T): exact at O(out r^2 + r^2 in), B A never formed.
     """
 
     title = "Group-Lasso-SP (Li, Grandvalet & Davoine, ICML 2018)"
     listing_order = 40
     formula = "Omega(w) = alpha * sum_g sqrt(p_g) * ||w_g - w0_g||_2 + beta/2 * ||w_new||^2, g = output channels"
     search_grid = (1e-3, 1e-2, 1e-1)
+    supports_adapters = True
 
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
         total = torch.zeros((), dtype=torch.float32, device=anchors[0].device if anchors else None)
@@ -34,3 +37,14 @@ class GroupLassoSP(Regularizer):
             total = total + math.sqrt(diff.shape[1]) * group_norms.sum()
             sq_distance = sq_distance + group_norms.detach().square().sum()
         return self.alpha * total, sq_distance
+
+    def lora_penalty(self, terms: list[LoraTerm]) -> tuple[Tensor, Tensor]:
+        total, squared = [], []
+        for term in terms:
+            rows = term.row_squared_norms()  # (out,)
+            positive = rows > 0  # at a zero row (LoRA starts with B = 0) the subgradient is 0, as for plain tensors
+            norms = torch.where(positive, rows, torch.ones_like(rows)).sqrt() * positive
+            group_size = term.base_weight[0].numel()  # p_g: the elements of one dim-0 slice of the stored W
+            total.append(math.sqrt(group_size) * norms.sum())
+            squared.append(rows.detach().sum())
+        return self.alpha * torch.stack(total).sum(), torch.stack(squared).sum()

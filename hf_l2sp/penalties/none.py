@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..anchor.adapters import lora_squared_distance
 from ..anchor.parameters import SPParameters, local_view
 from .registry import register_regularizer
 from .weight import PenaltyTerms, Regularizer
@@ -18,6 +19,7 @@ class NoRegularizer(Regularizer):
     search_fields = ()  # nothing to search: one configuration
     search_grid = ()
     protocol_fixed = {"sp_alpha": 0.0, "sp_beta": 0.0}
+    supports_adapters = True
 
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         with torch.no_grad():
@@ -27,5 +29,7 @@ class NoRegularizer(Regularizer):
                 distance = torch.stack(torch._foreach_norm(diffs)).square().sum().sqrt()
             else:
                 distance = torch.zeros(())
+            if params.lora:  # PEFT: the adapters' distance to the frozen base
+                distance = (distance.square() + lora_squared_distance(params.lora).to(distance.device)).sqrt()
         zero = torch.zeros((), dtype=torch.float32, device=distance.device)
         return PenaltyTerms(penalty=zero, head_penalty=zero, distance=distance)

@@ -12,6 +12,7 @@ from .base import Penalty, check_coefficient
 from .kernels import half_squared_distance
 
 if TYPE_CHECKING:
+    from ..anchor.adapters import LoraTerm
     from ..anchor.parameters import SPParameters
 
 
@@ -57,6 +58,8 @@ class Regularizer(Penalty):
     search_grid: ClassVar[tuple[float, ...]] = (1e-2, 1e-1, 1.0)
     #: The paper's L2 on the new head, held while the study searches alpha.
     protocol_fixed: ClassVar[dict[str, float]] = {"sp_beta": 0.01}
+    #: True when `lora_penalty` is exact on LoRA factors without forming B A (anchor/adapters.py).
+    supports_adapters: ClassVar[bool] = False
 
     def __init__(self, alpha: float = 0.0, beta: float = 0.0):
         self.alpha = check_coefficient("sp_alpha", alpha)
@@ -73,6 +76,10 @@ class Regularizer(Penalty):
         """(differentiable penalty on S, squared distance ||w_S - w0_S||^2 detached)."""
         raise NotImplementedError
 
+    def lora_penalty(self, terms: list[LoraTerm]) -> tuple[Tensor, Tensor]:
+        """(differentiable penalty on the adapters' W - W0, its squared Frobenius norm detached)."""
+        raise NotImplementedError(f"{self.name} has no exact form on LoRA adapters")
+
     def quadratic_form(self) -> QuadraticForm | None:
         """The closed-form description when Omega is quadratic (used by sp_mode 'grad' and 'decoupled')."""
         return None
@@ -80,6 +87,10 @@ class Regularizer(Penalty):
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         """Omega on this process's tensors (under FSDP2: on its shards; the parts then sum over ranks)."""
         anchored, sq_distance = self.anchored_penalty([local_view(p) for p in params.anchored], params.anchors)
+        if params.lora:  # PEFT: the adapters' distance to the frozen base, from the factors
+            adapter_value, adapter_sq = self.lora_penalty(params.lora)
+            anchored, sq_distance = anchored + adapter_value.to(anchored.device), sq_distance + adapter_sq.to(
+                sq_distance.device)
         head_value, _ = half_squared_distance([local_view(p) for p in params.head])
         head = self.beta * head_value
         return PenaltyTerms(penalty=anchored + head, head_penalty=head.detach(), distance=sq_distance.sqrt())

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..anchor.adapters import AdapterPlan
 from ..anchor.parameters import SPParameters
 from ..anchor.reference import Reference
 from ..loading.new_tensors import NewTensors
@@ -43,6 +44,7 @@ class PenaltyState:
     log: PenaltyLog
     reference: Reference | None = None
     new_tensors: NewTensors | None = None
+    adapters: AdapterPlan | None = None  # a PEFT model's LoRA terms and modules_to_save anchors
     parameters: SPParameters | None = None
     parameters_key: tuple[int, ...] | None = None  # ids of the model's parameters the sets were resolved on
     optimizer_hook: OptimizerHook | None = None
@@ -60,6 +62,15 @@ class PenaltyState:
         features = [FEATURE_REGULARIZERS[name].from_config(args) for name in spec.features]
         return cls(spec=spec, regularizer=regularizer or build_weight_regularizer(spec, args), features=features,
                    log=PenaltyLog([f.name for f in features]))
+
+    def rebuilt(self, args, regularizer: Regularizer | None = None) -> PenaltyState:
+        """New penalties from `args` (a search trial's sp_* values) on the same anchor, adapters and model."""
+        new = PenaltyState.from_config(args, regularizer)
+        new.reference, new.new_tensors, new.adapters, new.ready = self.reference, self.new_tensors, self.adapters, \
+            self.ready
+        new.corrects_loss_normalisation = self.corrects_loss_normalisation
+        self.detach_optimizer_hook()
+        return new
 
     def parameters_are_for(self, model: nn.Module) -> bool:
         return self.parameters is not None and self.parameters_key == tuple(id(p) for p in model.parameters())

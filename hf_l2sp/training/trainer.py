@@ -18,13 +18,21 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..anchor.parameters import SPParameters, check_something_is_anchored, fsdp_unsharded_now, resolve_parameters
+from ..anchor.adapters import find_adapters
+from ..anchor.parameters import (
+    SPParameters,
+    check_adapters_supported,
+    check_something_is_anchored,
+    fsdp_unsharded_now,
+    resolve_parameters,
+)
 from ..anchor.reference import Reference
 from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete, save_anchor
 from ..loading.forward import loss_uses_num_items_in_batch
 from ..loading.model_parts import (
     base_prefix,
     find_head_modules,
+    peft_base_model,
     parse_head_option,
     unwrap_model,
     validate_head_modules,
@@ -80,11 +88,7 @@ class PenaltyMixin:
         return PenaltyState.from_config(args, self._given_regularizer)
 
     def _build_regularizers(self, args: SPArguments) -> None:
-        old = self.sp
-        self.sp = self._new_state(args)
-        self.sp.reference, self.sp.new_tensors, self.sp.ready = old.reference, old.new_tensors, old.ready
-        self.sp.corrects_loss_normalisation = old.corrects_loss_normalisation
-        old.detach_optimizer_hook()
+        self.sp = self.sp.rebuilt(args, self._given_regularizer)
 
     # The names users and the artefact side read; all of it lives in `self.sp`.
     regularizer = property(lambda self: self.sp.regularizer)
@@ -107,9 +111,7 @@ class PenaltyMixin:
         """
         if not self.model_accepts_loss_kwargs or not loss_comes_from_model(type(self), PenaltyMixin):
             return
-        inner = unwrap_model(self.accelerator.unwrap_model(model))
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
-        if loss_uses_num_items_in_batch(inner) is False:
+        if loss_uses_num_items_in_batch(peft_base_model(self.accelerator.unwrap_model(model))) is False:
             self.model_accepts_loss_kwargs = False
             self.sp.corrects_loss_normalisation = True
 
@@ -125,7 +127,9 @@ class PenaltyMixin:
     def _anchor(self, model: nn.Module, setup_penalties: bool = True) -> None:
         """Anchor `model`: its w0 (snapshot, `sp_reference` or the given Reference), then the penalties on it."""
         head_modules = self._head_modules(model)
-        new = self.sp.new_tensors = find_new_tensors(model, head_modules)
+        adapters = self.sp.adapters = find_adapters(model, head_modules)
+        new = self.sp.new_tensors = (find_new_tensors(model, head_modules) if adapters is None
+                                     else adapters.new_tensors(model, head_modules))
         if self._given_reference is not None:
             self.sp.reference = self._given_reference
         elif self.args.sp_reference:
@@ -133,7 +137,8 @@ class PenaltyMixin:
                                                           self.args.device, self.args.sp_reference_revision,
                                                           new_names=new.names)
         else:
-            self.sp.reference = Reference.snapshot(model, head_modules, self.args.device, new_names=new.names)
+            self.sp.reference = Reference.snapshot(model, head_modules, self.args.device, new_names=new.names,
+                                                   trainable_only=adapters is not None)
         if self.sp.reference.new_description is None:
             self.sp.reference.new_description = new.describe()
         if setup_penalties:
@@ -143,6 +148,7 @@ class PenaltyMixin:
         """Parameter sets and feature penalties (frozen source copies, layers, channel attention) for `model`."""
         self.refresh_sp_parameters()
         sets = self.sp_parameters(model)
+        check_adapters_supported(sets, self.sp.regularizer, self.sp.features, self.args.sp_mode)
         check_something_is_anchored(model, sets, self.sp.regularizer, self.sp.spec, self.args.sp_include)
         if self.sp.features:
             context = FeatureContext(anchors=self.sp.reference.tensors, head_names=self.sp.reference.head_names,
@@ -195,7 +201,7 @@ class PenaltyMixin:
         if state.parameters is not None and state.parameters.sharded and fsdp_unsharded_now(model):
             return state.parameters  # FSDP2 between a unit's forward and backward: the shards are still these
         state.reference.shard_like(model)  # FSDP2: keep only this process's shard of w0
-        state.parameters = resolve_parameters(model, state.reference.tensors, self.args.sp_include)
+        state.parameters = resolve_parameters(model, state.reference.tensors, self.args.sp_include, state.adapters)
         state.parameters_key = tuple(id(p) for p in model.parameters())
         state.regularizer.prepare(state.parameters)
         state.detach_optimizer_hook()  # the optimizer-side hook must see the new parameters

@@ -1,0 +1,155 @@
+"""PEFT adapters as the penalty sees them.
+
+With LoRA the pretrained weight W0 stays frozen in the model and the effective weight is W = W0 + s B A, so the
+distance to the starting point is s B A itself: w0 needs no copy. For one adapted layer (B: out x r, A: r x in,
+a convolution's factors flattened the same way)
+
+    ||W - W0||_F^2 = s^2 ||B A||_F^2 = s^2 sum((B^T B) * (A A^T))      (* elementwise, r x r matrices)
+
+which costs O(r^2 (out + in)) and never forms B A. Row g of W - W0 (one output channel) has squared norm
+s^2 B_g (A A^T) B_g^T, which gives group lasso exactly at O(out r^2 + r^2 in).
+
+`modules_to_save` copies train a full copy of a module next to its frozen original: the original is their anchor
+(again no copy), unless the module is the task head, which is new (beta).
+
+Refused, with a message that says so: DoRA (its magnitude vector re-normalises W), LoRA on embeddings, and every
+other PEFT tuner type (IA3, LoHa, LoKr, ...), whose effective weight this module does not model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..loading.model_parts import canonical_name, head_parameter_names, peft_base_model
+from ..loading.new_tensors import NewTensors
+from ..utils.errors import ConfigError
+
+
+@dataclass
+class LoraTerm:
+    """One active LoRA adapter on one layer: W - W0 = scaling * B A."""
+
+    name: str  # canonical module name
+    lora_A: Tensor  # (r, in) or (r, in, kh, kw): the trainable parameter
+    lora_B: Tensor  # (out, r) or (out, r, 1, 1)
+    scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA: what PEFT's forward multiplies by
+    base_weight: Tensor  # the frozen W0 (its norm scales the drift report)
+    transposed: bool = False  # the base layer stores W transposed (transformers Conv1D: PEFT's fan_in_fan_out)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(B, A) as fp32 matrices: B out x r, A r x fan_in."""
+        return self.lora_B.float().flatten(1), self.lora_A.float().flatten(1)
+
+    def grams(self) -> tuple[Tensor, Tensor]:
+        b, a = self.factors()
+        return b.T @ b, a @ a.T
+
+    def squared_distance(self) -> Tensor:
+        """||W - W0||_F^2 = s^2 sum((B^T B) * (A A^T)), differentiable in A and B."""
+        gram_b, gram_a = self.grams()
+        return self.scaling ** 2 * (gram_b * gram_a).sum()
+
+    def row_squared_norms(self) -> Tensor:
+        """||(W - W0)_g||^2 for every slice g along dim 0 of the stored weight, as group lasso groups plain tensors:
+        s^2 B_g (A A^T) B_g^T for an output row; for a transposed layer, s^2 A_j^T (B^T B) A_j (a column of B A).
+        Differentiable."""
+        b, a = self.factors()
+        if self.transposed:
+            return self.scaling ** 2 * ((a.T @ (b.T @ b)) * a.T).sum(1)
+        return self.scaling ** 2 * ((b @ (a @ a.T)) * b).sum(1)
+
+
+@dataclass
+class AdapterPlan:
+    """What a PEFT model trains besides plain tensors: LoRA terms, and `modules_to_save` copies (canonical name ->
+    the frozen original parameter that anchors it; head copies are absent: they are new)."""
+
+    lora: list[LoraTerm] = field(default_factory=list)
+    originals: dict[str, Tensor] = field(default_factory=dict)
+    lora_parameter_names: list[str] = field(default_factory=list)  # every LoRA parameter, active or not
+
+    def new_names(self) -> list[str]:
+        """Names a snapshot of w0 must skip: LoRA factors (their w0 is 0 in W's terms) and anchored copies."""
+        return [*self.lora_parameter_names, *self.originals]
+
+    def new_tensors(self, model: nn.Module, head_modules: list[str]) -> NewTensors:
+        """S-bar of a PEFT model: the task head, plus what a snapshot of w0 skips (the adapters are measured
+        against the frozen base they sit on, which needs no copy)."""
+        note = f"LoRA on {len(self.lora)} layers, measured as s B A against the frozen base"
+        if self.originals:
+            note += f"; {len(self.originals)} modules_to_save tensors anchored to their frozen originals"
+        names = sorted(head_parameter_names(model, head_modules) | set(self.new_names()))
+        return NewTensors(names, head_modules, note=note)
+
+    def summary(self) -> dict[str, int]:
+        return {"lora_layers": len(self.lora), "lora_parameters": sum(t.lora_A.numel() + t.lora_B.numel()
+                                                                      for t in self.lora)}
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | None:
+    """The adapter plan of a PEFT model (None for any other model); refuses what it cannot penalise exactly."""
+    base = peft_base_model(model)
+    if base is model or not is_peft_model(model):
+        return None
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    plan = AdapterPlan()
+    for module_name, module in base.named_modules():
+        name = canonical_name(module_name)
+        if isinstance(module, ModulesToSaveWrapper):
+            _add_copies(plan, name, module, head_modules)
+        elif isinstance(module, LoraLayer):
+            plan.lora_parameter_names += [canonical_name(f"{module_name}.{n}") for n, _ in
+                                          module.named_parameters() if "lora_" in n]
+            plan.lora += _lora_terms(name, module)
+        elif isinstance(module, BaseTunerLayer) and any(
+                p.requires_grad for n, p in module.named_parameters() if not n.startswith("base_layer.")):
+            kind = type(module).__module__.removeprefix("peft.tuners.").split(".")[0].upper()
+            raise ConfigError(f"{kind} adapters ({type(module).__name__} at {name}) are not supported by the SP "
+                              "penalties: "
+                              "their effective weight is not W0 + s B A. Use LoRA, or regularizer='none'.")
+    return plan
+
+
+def _lora_terms(name: str, module) -> list[LoraTerm]:
+    terms = []
+    for adapter in module.active_adapters:
+        if adapter in getattr(module, "lora_embedding_A", {}):
+            raise ConfigError(f"LoRA on an embedding ({name}) is not supported by the SP penalties yet; leave "
+                              "embeddings out of target_modules.")
+        if adapter not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter, False):
+            raise ConfigError(f"DoRA ({name}, adapter {adapter!r}) re-normalises the weight with a trained "
+                              "magnitude, so its distance to W0 is not s B A; the SP penalties refuse it rather "
+                              "than be wrong. Use plain LoRA (use_dora=False).")
+        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        if lora_a.requires_grad or lora_b.requires_grad:
+            terms.append(LoraTerm(name, lora_a, lora_b, float(module.scaling[adapter]),
+                                  module.get_base_layer().weight, bool(getattr(module, "fan_in_fan_out", False))))
+    return terms
+
+
+def _add_copies(plan: AdapterPlan, name: str, wrapper, head_modules: list[str]) -> None:
+    if any(name == h or name.startswith(h + ".") for h in head_modules):
+        return  # the task head: new, beta
+    for adapter in wrapper.active_adapters:
+        copy = wrapper.modules_to_save[adapter]
+        originals = dict(wrapper.original_module.named_parameters())
+        for param_name, param in copy.named_parameters():
+            if param.requires_grad:
+                plan.originals[f"{name}.{param_name}" if name else param_name] = originals[param_name]
+
+
+def lora_squared_distance(terms: list[LoraTerm]) -> Tensor:
+    """sum over terms of ||W - W0||_F^2, differentiable (fp32)."""
+    return torch.stack([t.squared_distance() for t in terms]).sum()
