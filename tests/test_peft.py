@@ -242,3 +242,19 @@ def test_sft_trainer_with_lora(tmp_path):
     torch.testing.assert_close(value, rows.detach())
     trainer.train()
     assert trainer.state.log_history[0]["sp/penalty"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_biases_trained_with_bias_all_are_anchored_to_their_start(tmp_path, bert_folder):
+    model = lora_model(bert_folder, bias="all")
+    trainer = trainer_for(model, tmp_path, bert_folder, sp_include="all")
+    sets = trainer.sp_parameters()
+    biases = [n for n in sets.anchored_names if n.endswith("bias")]
+    assert biases and all(n in trainer.sp_reference.tensors for n in biases)  # a snapshot of those few tensors
+    assert not any("lora_" in n or n.endswith("query.weight") for n in trainer.sp_reference.tensors)
+    with torch.no_grad():
+        for p in sets.anchored:
+            p.add_(0.1)
+    terms = trainer.regularizer(sets)
+    expected = 0.5 * ALPHA * (merged_distance(model) + sum(0.01 * p.numel() for p in sets.anchored))
+    expected = expected + 0.5 * BETA * sum(p.square().sum() for p in sets.head)
+    torch.testing.assert_close(terms.penalty, expected.detach(), rtol=1e-5, atol=1e-6)
