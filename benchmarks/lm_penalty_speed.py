@@ -29,6 +29,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from hf_l2sp import SPConfig, SPTrainer  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 SMALL = dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)  # GPT-2 small: 124 M
 QUICK = dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8192, n_positions=256)
@@ -107,13 +108,7 @@ def table_b(shape: dict, step_seconds: float, repeats: int = 7) -> None:
           f"median of {repeats}, against plain Trainer's step ({step_seconds * 1e3:.0f} ms)")
     print(f"{'path':30s} {'ms':>8s} {'share of a step':>16s}")
     for name, run in paths.items():
-        run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        ms = statistics.median(times)
+        ms = median_seconds(run, repeats)
         print(f"{name:30s} {ms * 1e3:8.1f} {100 * ms / step_seconds:15.1f}%")
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from hf_l2sp.anchor.adapters import LoraTerm, lora_squared_distance  # noqa: E402
 
@@ -42,16 +41,6 @@ def terms_for(blocks: int, rank: int) -> list[LoraTerm]:
             b = (0.01 * torch.randn(rows, rank, generator=gen)).requires_grad_(True)
             out.append(LoraTerm(f"layers.{block}.{i}", a, b, 2.0, torch.empty(0)))
     return out
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def table_a(rank: int, formed_blocks: int, repeats: int) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..utils.files import replacing, write_text_atomically
 from ..loading.model_parts import checkpoint_key
-from ..loading.weights import INDEX_FILES, WEIGHT_FILES
+from ..loading.weights import weight_files
 from .fisher_io import FisherDiagonal, load_fisher
 from .reference import Reference
 from ..utils.errors import ConfigError, MissingFileError
@@ -140,13 +140,7 @@ def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given
 def holds_checkpoint_weights(checkpoint: str, current: Reference, prefix: str) -> bool:
     """True when every tensor of `current` (the model's weights at construction) equals the checkpoint's saved
     weight of the same key. Read tensor by tensor from the safetensors files; False when there are none."""
-    folder = Path(checkpoint)
-    index = next((folder / n for n in INDEX_FILES if n.endswith(".json") and (folder / n).is_file()), None)
-    if index is not None:
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
-    files = [f for f in files if f.suffix == ".safetensors"]
+    files = [f for f in weight_files(Path(checkpoint)) if f.suffix == ".safetensors"]
     wanted = {checkpoint_key(name, prefix): tensor for name, tensor in current.tensors.items()}
     seen = set()
     for path in files:

@@ -10,7 +10,6 @@ is new as well, even when its shape happens to match. Without a readable checkpo
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 from ..utils.hub import public_name
 from . import assets
 from .model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
-from .weights import INDEX_FILES, WEIGHT_FILES
+from .weights import INDEX_FILES, WEIGHT_FILES, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +118,13 @@ def _cached_hub_folder(repo_id: str) -> Path | None:
 
 
 def _folder_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
-    for index_name in INDEX_FILES:
-        if (folder / index_name).is_file():
-            files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
-            shapes = {}
-            for name in files:
-                shapes.update(_file_shapes(folder / name))
-            return shapes
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return _file_shapes(folder / name)
-    return None
+    files = weight_files(folder)
+    if not files:
+        return None
+    shapes = {}
+    for path in files:
+        shapes.update(_file_shapes(path))
+    return shapes
 
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:

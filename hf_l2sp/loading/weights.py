@@ -45,17 +45,22 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
     raise ConfigError(f"Unsupported weights file {path.name!r}; expected .safetensors, .bin, .pt or .pth.")
 
 
-def read_weights_folder(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of a checkpoint folder: its shards (through the index) or its single weights file."""
+def weight_files(folder: Path) -> list[Path]:
+    """The weights files of a checkpoint folder: its shards (through the index) or its single weights file; []
+    when it holds none."""
     for index_name in INDEX_FILES:
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(read_weights_file(folder / shard))
-            return state
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return read_weights_file(folder / name)
-    raise MissingFileError(f"No weights file ({', '.join(WEIGHT_FILES)}) in {str(folder)!r}.")
+            return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return next(([folder / name] for name in WEIGHT_FILES if (folder / name).is_file()), [])
+
+
+def read_weights_folder(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint folder: its shards (through the index) or its single weights file."""
+    files = weight_files(folder)
+    if not files:
+        raise MissingFileError(f"No weights file ({', '.join(WEIGHT_FILES)}) in {str(folder)!r}.")
+    state = {}
+    for path in files:
+        state.update(read_weights_file(path))
+    return state
