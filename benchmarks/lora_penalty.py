@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from hf_l2sp.anchor.adapters import LoraTerm, lora_squared_distance  # noqa: E402
+from hf_l2sp.penalties.group_lasso_sp import GroupLassoSP  # noqa: E402
 
 HIDDEN, INTERMEDIATE, BLOCKS = 4096, 11008, 32
 PROJECTIONS = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 2 + [(HIDDEN, INTERMEDIATE)]  # (out, in)
@@ -39,7 +40,7 @@ def terms_for(blocks: int, rank: int) -> list[LoraTerm]:
         for i, (rows, cols) in enumerate(PROJECTIONS):
             a = (0.01 * torch.randn(rank, cols, generator=gen)).requires_grad_(True)
             b = (0.01 * torch.randn(rows, rank, generator=gen)).requires_grad_(True)
-            out.append(LoraTerm(f"layers.{block}.{i}", a, b, 2.0, torch.empty(0)))
+            out.append(LoraTerm(f"layers.{block}.{i}", a, b, 2.0, torch.empty(rows, cols, device="meta")))
     return out
 
 
@@ -49,6 +50,10 @@ def table_a(rank: int, formed_blocks: int, repeats: int) -> None:
 
     def ours():
         value = 0.5 * lora_squared_distance(terms)
+        torch.autograd.grad(value, params)
+
+    def group_lasso():  # exact row norms s sqrt(B_g (A A^T) B_g^T), as GroupLassoSP.lora_penalty computes them
+        value, _ = GroupLassoSP(alpha=1.0).lora_penalty(terms)
         torch.autograd.grad(value, params)
 
     few = terms[:formed_blocks * len(PROJECTIONS)]
@@ -61,10 +66,12 @@ def table_a(rank: int, formed_blocks: int, repeats: int) -> None:
     check = float(0.5 * lora_squared_distance(few).detach())
     direct = float(sum(0.5 * (t.scaling * (t.lora_B @ t.lora_A)).square().sum() for t in few).detach())
     ours_s = median_seconds(ours, repeats)
+    group_s = median_seconds(group_lasso, repeats)
     formed_s = median_seconds(formed, max(1, repeats // 3)) * BLOCKS / formed_blocks
     print(f"\n(a) value + gradient over {len(terms)} LoRA layers (7B shapes, r = {rank}), median of {repeats}")
     print(f"{'method':44s} {'ms':>10s}")
     print(f"{'r x r form (hf_l2sp)':44s} {ours_s * 1e3:10.1f}")
+    print(f"{'group_lasso_sp rows from the factors':44s} {group_s * 1e3:10.1f}")
     print(f"{f'forming B A (measured on {formed_blocks} blocks, x {BLOCKS // formed_blocks})':44s} "
           f"{formed_s * 1e3:10.1f}")
     print(f"speed-up {formed_s / ours_s:.0f}x; relative difference of the values "
