@@ -266,14 +266,21 @@ def test_resume_restores_the_stored_anchor_and_refuses_mismatches(tmp_path):
                   train_dataset=tensor_dataset(8)).train(resume_from_checkpoint=str(checkpoint))
 
 
-def test_resume_with_a_model_reloaded_from_the_checkpoint_keeps_the_base_model_and_refuses_another(tmp_path):
+@pytest.mark.parametrize("kind", ["timm_wrapper", "native_vit"])
+def test_resume_with_a_model_reloaded_from_the_checkpoint_keeps_the_base_model_and_refuses_another(tmp_path, kind):
     """Issue 22 (a) and (i): a model loaded from checkpoint-2 resumes with the original anchor, and the card and
-    sp_config.json still name the original base model; another model of the same architecture is refused."""
+    sp_config.json still name the original base model; another model of the same architecture is refused. On
+    TimmWrapper (checkpoint keys without the timm_model prefix) and a native transformers ViT (keys with 'vit.')."""
     import json
 
     from transformers import AutoModelForImageClassification
 
-    model = timm_classifier()
+    from .helpers import vit_classifier
+
+    def build(seed=0):
+        return timm_classifier(seed=seed) if kind == "timm_wrapper" else vit_classifier(seed=seed, image_size=32)
+
+    model = build()
     model.config._name_or_path = "acme/base-cnn"  # as if loaded from the Hub
     args = sp_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     SPTrainer(model=model, args=args, train_dataset=tensor_dataset(8)).train()
@@ -289,7 +296,7 @@ def test_resume_with_a_model_reloaded_from_the_checkpoint_keeps_the_base_model_a
     assert "base_model: acme/base-cnn" in card and "checkpoint-2" not in card
     assert provenance["anchor"]["source"] == "the pretrained weights of acme/base-cnn, copied when training started"
 
-    other = timm_classifier(seed=1)  # same architecture, other weights
+    other = build(seed=1)  # same architecture, other weights
     with pytest.raises(ValueError, match="holds neither the run's pretrained weights .* nor this checkpoint's"):
         SPTrainer(model=other, args=sp_config(tmp_path, max_steps=3),
                   train_dataset=tensor_dataset(8)).train(resume_from_checkpoint=str(checkpoint))

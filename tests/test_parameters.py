@@ -66,3 +66,28 @@ def test_reference_missing_path_and_offline_hub(tmp_path):
         Reference.from_checkpoint("timm/resnet50.a1_in1k", model, ["timm_model.fc"])
     with pytest.raises(FileNotFoundError, match=r"No weights file"):
         Reference.from_checkpoint(str(tmp_path), model, ["timm_model.fc"])
+
+
+def test_checkpoint_key_lists_line_up_where_transformers_renames_modules(tmp_path):
+    """transformers 5 saves ViT's `layers` as `encoder.layer`: the S / new rule, sp_reference and the resume check
+    compare with the names the checkpoint really uses (`saved_keys`), not the module names."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_l2sp import SPTrainer
+    from hf_l2sp.loading.model_parts import saved_keys
+
+    from .helpers import sp_config, tensor_dataset, vit_classifier
+
+    vit_classifier(image_size=32).save_pretrained(tmp_path / "vit")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "vit")
+    keys = saved_keys(model)
+    assert keys["vit.layers.0.mlp.fc1.weight"] == "encoder.layer.0.intermediate.dense.weight"
+    trainer = SPTrainer(model=model, args=sp_config(tmp_path, sp_include="all",
+                                                    sp_reference=str(tmp_path / "vit")),
+                        train_dataset=tensor_dataset(4))
+    new = trainer.sp.new_tensors
+    assert new.checkpoint is not None and new.from_checkpoint == []  # the key list was used, and everything lines up
+    assert set(new.names) == {"classifier.weight", "classifier.bias"}
+    # sp_reference read the same file by its saved names (before, every renamed key was "not in the model")
+    assert trainer.sp_reference.source == str(tmp_path / "vit")
+    assert {n for n in trainer.sp_parameters().anchored_names if ".layers." in n}

@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from ..loading.weights import read_state_dict
 from ..utils.text import first_few
-from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
+from ..loading.model_parts import (
+    base_prefix,
+    canonical_name,
+    checkpoint_key,
+    head_parameter_names,
+    saved_keys,
+    unwrap_model,
+)
 from .parameters import is_sharded, local_view
 from ..utils.errors import ConfigError
 
@@ -69,7 +76,8 @@ class Reference:
         inner = unwrap_model(model)
         prefix = base_prefix(inner)
         heads = head_parameter_names(model, head_modules) | set(new_names)
-        params = {checkpoint_key(n, prefix): (canonical_name(n), p) for n, p in inner.named_parameters()}
+        keys = saved_keys(inner)  # the names checkpoints use (transformers may rename modules on load)
+        params = {keys[canonical_name(n)]: (canonical_name(n), p) for n, p in inner.named_parameters()}
         buffers = {checkpoint_key(n, prefix) for n, _ in inner.named_buffers()}
 
         unexpected, wrong_shape, tensors, seen = [], [], {}, set()

@@ -94,11 +94,12 @@ def compare_anchors(stored: Reference, current: Reference) -> list[str]:
 
 
 def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, description: str,
-                     prefix: str = "") -> Reference:
+                     keys: dict[str, str], prefix: str) -> Reference:
     """The anchor stored in `checkpoint`, checked against the one built now (`current`, whose new-tensor names it
     keeps). `fixed`: the anchor was given (sp_reference or a Reference), so a different stored anchor is an error.
     Otherwise the model must hold either w0 itself or the checkpoint's own weights (a model reloaded from it):
-    any other weights are another model, refused. `prefix` is the model's base-model prefix (checkpoint keys)."""
+    any other weights are another model, refused. `keys`: canonical name -> checkpoint key (`saved_keys`);
+    `prefix`: the model's base-model prefix, which checkpoint files may or may not carry."""
     if not Path(checkpoint).is_dir():
         raise MissingFileError(f"Checkpoint {checkpoint!r} does not exist.")
     if not is_complete(checkpoint):
@@ -115,7 +116,7 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, d
             raise ConfigError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
                              f"({description}). Resuming must keep the anchor the run started "
                              "with; remove sp_reference or point it at the original checkpoint.")
-        if not holds_checkpoint_weights(checkpoint, current, prefix):
+        if not holds_checkpoint_weights(checkpoint, current, keys, prefix):
             raise ConfigError(f"Cannot resume from {checkpoint!r}: the model given now holds neither the run's "
                              "pretrained weights (its stored anchor w0) nor this checkpoint's weights: it is another "
                              "model of the same shape. Resume with the model the run started from.")
@@ -137,11 +138,11 @@ def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given
                          " differs from the one the run used (stored in the checkpoint).")
 
 
-def holds_checkpoint_weights(checkpoint: str, current: Reference, prefix: str) -> bool:
+def holds_checkpoint_weights(checkpoint: str, current: Reference, keys: dict[str, str], prefix: str) -> bool:
     """True when every tensor of `current` (the model's weights at construction) equals the checkpoint's saved
     weight of the same key. Read tensor by tensor from the safetensors files; False when there are none."""
     files = [f for f in weight_files(Path(checkpoint)) if f.suffix == ".safetensors"]
-    wanted = {checkpoint_key(name, prefix): tensor for name, tensor in current.tensors.items()}
+    wanted = {keys.get(name, name): tensor for name, tensor in current.tensors.items()}
     seen = set()
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as handle:

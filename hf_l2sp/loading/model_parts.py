@@ -196,3 +196,27 @@ def model_task(model: nn.Module) -> str | None:
             if name == value or (isinstance(value, (tuple, list)) and name in value):
                 return task
     return None
+
+
+def saved_keys(model: nn.Module) -> dict[str, str]:
+    """Canonical parameter name -> the checkpoint key (`checkpoint_key` form) `save_pretrained` writes for it.
+
+    transformers 5 renames some modules between checkpoint and model (ViT's `encoder.layer` is `layers` in the
+    model) and renames back on save, through `revert_weight_conversion`: asking that same function keeps every
+    comparison with a checkpoint's key list in step with transformers. It is imported by name, so a rename there
+    fails loudly. Tensors it merges or splits (fused experts) keep their model name here.
+    """
+    import torch
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import revert_weight_conversion
+
+    inner = peft_base_model(model)
+    prefix = base_prefix(inner)
+    names = {canonical_name(n): torch.empty(p.shape, device="meta") for n, p in inner.named_parameters()}
+    keys = {name: checkpoint_key(name, prefix) for name in names}
+    if isinstance(inner, PreTrainedModel):
+        by_tensor = {id(t): name for name, t in names.items()}
+        for key, tensor in revert_weight_conversion(inner, dict(names)).items():
+            if id(tensor) in by_tensor:
+                keys[by_tensor[id(tensor)]] = checkpoint_key(key, prefix)
+    return keys

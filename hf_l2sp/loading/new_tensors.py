@@ -20,7 +20,7 @@ from torch import nn
 
 from ..utils.hub import public_name
 from . import assets
-from .model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
+from .model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, saved_keys, unwrap_model
 from .weights import INDEX_FILES, WEIGHT_FILES, weight_files
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def find_new_tensors(model: nn.Module, head_modules: list[str]) -> NewTensors:
         return NewTensors(sorted(head), head_modules)
     prefix = base_prefix(inner)
     shapes = {checkpoint_key(key, prefix): shape for key, shape in shapes.items()}
+    keys = saved_keys(inner)  # the names the checkpoint uses (transformers may rename modules on load)
     params = {canonical_name(n): p for n, p in inner.named_parameters() if p.requires_grad}
-    absent = sorted(name for name, p in params.items()
-                    if shapes.get(checkpoint_key(name, prefix)) != tuple(p.shape))
+    absent = sorted(name for name, p in params.items() if shapes.get(keys[name]) != tuple(p.shape))
     if params and len(absent) > MAX_NEW_SHARE * len(params):
         logger.warning("hf_l2sp: %d of %d trainable tensors of %s have no counterpart in %s: its keys do not line "
                        "up with the model (renamed keys or another architecture), so only the task head (%s) is "

@@ -29,14 +29,8 @@ from ..anchor.parameters import (
 from ..anchor.reference import Reference
 from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete, save_anchor
 from ..loading.forward import loss_uses_num_items_in_batch
-from ..loading.model_parts import (
-    base_prefix,
-    find_head_modules,
-    peft_base_model,
-    parse_head_option,
-    unwrap_model,
-    validate_head_modules,
-)
+from ..loading.model_parts import base_prefix, find_head_modules, parse_head_option, peft_base_model, saved_keys
+from ..loading.model_parts import unwrap_model, validate_head_modules
 from ..loading.new_tensors import find_new_tensors
 from ..penalties import FeatureContext, PenaltyTerms, Regularizer
 from ..utils.hub import public_name
@@ -369,7 +363,7 @@ class PenaltyMixin:
     def _restore_anchor(self, checkpoint: str) -> None:
         fixed = bool(self.args.sp_reference) or self._given_reference is not None
         stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description(),
-                                  base_prefix(self.model))
+                                  saved_keys(self.model), base_prefix(self.model))
         check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
         self.sp.reference = stored
         self.refresh_sp_parameters()
