@@ -193,3 +193,26 @@ def test_anchor_keeps_a_bf16_models_dtype_and_the_penalty_is_computed_in_fp32(tm
     expected = sum(0.5 * 0.3 * (p.float() - a.float()).square().sum() for p, a in zip(sets.anchored, sets.anchors))
     torch.testing.assert_close(terms.penalty, expected.detach())
     assert trainer.sp_reference.fingerprint()  # hashing bf16 anchors works (resume checks it)
+
+
+def test_text_classifier_accumulation_two_by_two_equals_one_by_four(tmp_path, distilbert_folder):
+    """The correction on a model that drops num_items_in_batch (DistilBERT's per-micro-batch mean), proven on the
+    weights: without it, Trainer would skip the 1/accumulation division and the 2 x 2 step would be twice as long."""
+    tokenizer = AutoTokenizer.from_pretrained(distilbert_folder)
+    results = {}
+    for accumulation in (1, 2):
+        torch.manual_seed(0)  # the same new layers for both runs
+        model = AutoModelForSequenceClassification.from_pretrained(distilbert_folder, num_labels=2,
+                                                                   seq_classif_dropout=0.0)
+        args = sp_config(tmp_path / str(accumulation), max_steps=2, per_device_train_batch_size=4 // accumulation,
+                         gradient_accumulation_steps=accumulation, learning_rate=0.5, sp_alpha=0.5)
+        trainer = SPTrainer(model=model, args=args, train_dataset=sentiment_dataset(distilbert_folder, False),
+                            data_collator=DataCollatorWithPadding(tokenizer, padding="max_length", max_length=8))
+        trainer.train()
+        assert trainer.sp.corrects_loss_normalisation
+        results[accumulation] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    start = AutoModelForSequenceClassification.from_pretrained(distilbert_folder, num_labels=2).state_dict()
+    assert max((results[1][n] - start[n]).abs().max() for n in results[1] if n in start) > 1e-3
+    for name in results[1]:
+        torch.testing.assert_close(results[2][name], results[1][name], rtol=1e-5, atol=1e-6)
