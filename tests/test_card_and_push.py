@@ -1,6 +1,7 @@
 """Model cards (content, metadata, no secrets) and pushes tested at the huggingface_hub boundary."""
 
 import fnmatch
+import json
 import os
 from pathlib import Path
 
@@ -170,3 +171,31 @@ def test_card_names_each_regularizer(tmp_path, regularizer):
     trainer.save_model()
     text = (tmp_path / "out" / "README.md").read_text()
     assert get_regularizer_class(regularizer).formula in text and f"`{regularizer}`" in text
+
+
+def test_a_script_trained_native_model_records_its_evaluation_transform(tmp_path):
+    """Issue 22f beside the README's TimmWrapper quick start: a native transformers classifier trained from a
+    script through build_transforms + with_transforms records the 40 px evaluation transform and its data."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from hf_l2sp import (DataArguments, SPTrainer, build_transforms, collate_images, data_config_of,
+                         load_image_dataset, with_transforms)
+    from hf_l2sp.loading.models import EVAL_DATA_CONFIG
+
+    from .helpers import sp_config, write_parquet_repo
+
+    data = load_image_dataset(DataArguments(dataset_name=write_parquet_repo(tmp_path / "data")))
+    labels = data.id2label
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      num_labels=len(labels), id2label=labels,
+                                                      label2id={v: k for k, v in labels.items()}))
+    transforms = build_transforms(data_config_of(model), augmentation="none", image_size=40)
+    splits = with_transforms(data, transforms.train, transforms.eval)
+    trainer = SPTrainer(model=model, args=sp_config(tmp_path, max_steps=1), train_dataset=splits["train"],
+                        eval_dataset=splits["validation"], data_collator=collate_images)
+    trainer.train()
+    trainer.save_model()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config[EVAL_DATA_CONFIG]["input_size"] == [3, 40, 40]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "a user-provided dataset" not in card and "`?`" not in card
