@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..loading.model_parts import canonical_name, head_parameter_names, peft_base_model
+from ..loading.model_parts import canonical_name, head_parameter_names, in_modules, peft_base_model
 from ..loading.new_tensors import NewTensors
 from ..utils.errors import ConfigError
 
@@ -84,10 +84,6 @@ class AdapterPlan:
         names = sorted(head_parameter_names(model, head_modules) | set(self.new_names()))
         return NewTensors(names, head_modules, note=note)
 
-    def summary(self) -> dict[str, int]:
-        return {"lora_layers": len(self.lora), "lora_parameters": sum(t.lora_A.numel() + t.lora_B.numel()
-                                                                      for t in self.lora)}
-
 
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
@@ -140,12 +136,11 @@ def _lora_terms(name: str, module) -> list[LoraTerm]:
 
 
 def _add_copies(plan: AdapterPlan, name: str, wrapper, head_modules: list[str]) -> None:
-    if any(name == h or name.startswith(h + ".") for h in head_modules):
+    if in_modules(name, head_modules):
         return  # the task head: new, beta
+    originals = dict(wrapper.original_module.named_parameters())
     for adapter in wrapper.active_adapters:
-        copy = wrapper.modules_to_save[adapter]
-        originals = dict(wrapper.original_module.named_parameters())
-        for param_name, param in copy.named_parameters():
+        for param_name, param in wrapper.modules_to_save[adapter].named_parameters():
             if param.requires_grad:
                 plan.originals[f"{name}.{param_name}" if name else param_name] = originals[param_name]
 

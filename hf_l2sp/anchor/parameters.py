@@ -8,10 +8,10 @@ from functools import cached_property
 
 from torch import Tensor, nn
 
-from ..utils.text import first_few
-from .adapters import AdapterPlan, LoraTerm
 from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, feature_weight_names, unwrap_model
 from ..utils.errors import ConfigError
+from ..utils.text import first_few
+from .adapters import AdapterPlan, LoraTerm
 
 INCLUDE_CHOICES = ("weights", "all")
 

@@ -155,13 +155,14 @@ def parse_head_option(value: str | None) -> list[str] | None:
     return [canonical_name(v.strip()) for v in value.split(",") if v.strip()]
 
 
+def in_modules(name: str, modules: list[str]) -> bool:
+    """Whether the parameter or module `name` is one of `modules` or lies inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def head_parameter_names(model: nn.Module, head_modules: list[str]) -> set[str]:
-    names = set()
-    for name, _ in unwrap_model(model).named_parameters():
-        cname = canonical_name(name)
-        if any(cname == h or cname.startswith(h + ".") for h in head_modules):
-            names.add(cname)
-    return names
+    return {cname for name, _ in unwrap_model(model).named_parameters()
+            if in_modules(cname := canonical_name(name), head_modules)}
 
 
 def validate_head_modules(model: nn.Module, head_modules: list[str]) -> None:

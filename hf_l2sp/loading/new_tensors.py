@@ -20,7 +20,8 @@ from torch import nn
 
 from ..utils.hub import public_name
 from . import assets
-from .model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, saved_keys, unwrap_model
+from .model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, in_modules, saved_keys
+from .model_parts import unwrap_model
 from .weights import INDEX_FILES, WEIGHT_FILES, weight_files
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class NewTensors:
 
     @property
     def names_in_head(self) -> list[str]:
-        return [n for n in self.names if any(n == h or n.startswith(h + ".") for h in self.head_modules)]
+        return [n for n in self.names if in_modules(n, self.head_modules)]
 
 
 def find_new_tensors(model: nn.Module, head_modules: list[str]) -> NewTensors:

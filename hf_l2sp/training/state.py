@@ -72,6 +72,11 @@ class PenaltyState:
         self.detach_optimizer_hook()
         return new
 
+    @property
+    def weights_sharded(self) -> bool:
+        """FSDP2: the parameter sets hold shards, so the logged weight terms are partial sums."""
+        return self.parameters is not None and self.parameters.sharded
+
     def parameters_are_for(self, model: nn.Module) -> bool:
         return self.parameters is not None and self.parameters_key == tuple(id(p) for p in model.parameters())
 

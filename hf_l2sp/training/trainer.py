@@ -27,19 +27,20 @@ from ..anchor.parameters import (
     resolve_parameters,
 )
 from ..anchor.reference import Reference
-from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete, save_anchor
+from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete
+from ..anchor.resume import save_anchor
 from ..loading.forward import loss_uses_num_items_in_batch
 from ..loading.model_parts import base_prefix, find_head_modules, parse_head_option, peft_base_model, saved_keys
 from ..loading.model_parts import unwrap_model, validate_head_modules
 from ..loading.new_tensors import find_new_tensors
 from ..penalties import FeatureContext, PenaltyTerms, Regularizer
+from ..utils.errors import ConfigError, DivergedError
 from ..utils.hub import public_name
+from .compat import check_trainer_hooks, loss_comes_from_model
 from .config import SPArguments, SPConfig
 from .optimizer_side import OptimizerSidePenalty
-from .compat import check_trainer_hooks, loss_comes_from_model
 from .state import OptimizerHook, PenaltyState
 from .topology import check_supported
-from ..utils.errors import ConfigError, DivergedError
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class PenaltyMixin:
         state = self.sp
         if state.parameters_are_for(model):
             return state.parameters
-        if state.parameters is not None and state.parameters.sharded and fsdp_unsharded_now(model):
+        if state.weights_sharded and fsdp_unsharded_now(model):
             return state.parameters  # FSDP2 between a unit's forward and backward: the shards are still these
         state.reference.shard_like(model)  # FSDP2: keep only this process's shard of w0
         state.parameters = resolve_parameters(model, state.reference.tensors, self.args.sp_include, state.adapters)
@@ -310,17 +311,16 @@ class PenaltyMixin:
         if (step := self.sp.log.first_bad_step()) is not None:
             raise DivergedError(
                 f"The {self.sp.spec.label} penalty became NaN/inf at optimizer step {step} "
-                f"({self.sp.regularizer}). Training stopped before anything else was saved; lower the learning rate or "
-                "sp_alpha, or check the inputs of that step."
+                f"({self.sp.regularizer}). Training stopped before anything else was saved; lower the learning rate "
+                "or sp_alpha, or check the inputs of that step."
             )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         side = self.args.sp_mode != "loss"  # 'grad'/'decoupled': Omega is applied outside the returned loss
         if not self.sp.log.empty and "loss" in logs:  # a training log: flush the window's averages
             self._check_penalty_finite()
-            sharded = self.sp.parameters is not None and self.sp.parameters.sharded
             steps = self.sp.log.weight_evaluations  # one per optimizer step on the optimizer side
-            parts = self.sp.log.flush(weights_sharded=sharded)
+            parts = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)
             if side:  # so that 'loss' = sp/task_loss + sp/penalty here too
                 logs["loss"] += parts["sp/penalty"]
                 self.sp.side_penalty_total += parts["sp/penalty"] * steps
@@ -329,8 +329,8 @@ class PenaltyMixin:
         if side and "train_loss" in logs:  # Trainer's mean loss over this train() call's steps: add Omega's mean
             steps = self.sp.log.weight_evaluations  # steps after the last log, still in the window
             if steps:
-                sharded = self.sp.parameters is not None and self.sp.parameters.sharded
-                self.sp.side_penalty_total += self.sp.log.flush(weights_sharded=sharded)["sp/penalty"] * steps
+                flushed = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)
+                self.sp.side_penalty_total += flushed["sp/penalty"] * steps
                 self.sp.side_penalty_steps += steps
             logs["train_loss"] += self.sp.side_penalty_total / max(self.sp.side_penalty_steps, 1)
         super().log(logs, start_time)
