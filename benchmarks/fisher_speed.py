@@ -65,7 +65,8 @@ def worker(method: str, samples: int, size: int, classes: int, chunk: int, out: 
     seconds = time.perf_counter() - start
     save_file({k.removeprefix("timm_model."): v.contiguous() for k, v in result.items()}, out)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"method": method, "seconds": seconds, "samples_per_s": samples / seconds, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"method": method, "seconds": seconds, "samples_per_s": samples / seconds,
+                      "peak_rss_mb": peak_mb}))
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """hf_l2sp: the explicit inductive bias of Li, Grandvalet & Davoine (ICML 2018) for Hugging Face fine-tuning.
 
-Public API: `SPTrainer`, `SPConfig`, `SPMixin` and `SPArguments` (for any Trainer subclass, e.g. TRL's), the regularizer registry (`REGULARIZERS`, `register_regularizer`,
-`get_regularizer_class`, `list_regularizers`, the `Regularizer` base class), `Reference` (the anchor w0), the
-loaders (`load_backbone`, `load_image_dataset`, transforms, collator, metrics) and the Fisher-file helpers.
+Public API: `SPTrainer`, `SPConfig`, `SPMixin` and `SPArguments` (for any Trainer subclass, e.g. TRL's), the
+regularizer registry (`REGULARIZERS`, `register_regularizer`, `get_regularizer_class`, `list_regularizers`, the
+`Regularizer` base class), `Reference` (the anchor w0), the loaders (`load_backbone`, `load_image_dataset`, transforms,
+collator, metrics) and the Fisher-file helpers.
 """
 
 # Layer by layer, in the order data flows (see the README's Development section).

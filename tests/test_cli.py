@@ -145,7 +145,8 @@ def test_every_recipe_runs_as_written(recipe, stand_ins, tmp_path):
     settings = yaml.safe_load(recipe.read_text())
     layout = "train_validation" if settings.get("test_split") == "validation" else "train_test"
     flags = ["--config", str(recipe), "--model_name_or_path", str(stand_ins / "model"),
-             "--dataset_name", str(stand_ins / layout), "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--use_cpu", "true"]
+             "--dataset_name", str(stand_ins / layout), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+             "--use_cpu", "true"]
     assert main(["train", *flags]) == 0
     run = tmp_path / "run"
     assert (run / "model.safetensors").is_file() and (run / "README.md").is_file()

@@ -53,8 +53,9 @@ def test_save_to_disk_folder_and_overrides(tmp_path):
 
 
 def test_string_labels_get_sorted_names_and_missing_labels_are_named(tmp_path):
+    string_feature = Dataset.from_dict({"k": ["a"]}).features["k"]
     ds = Dataset.from_dict({"image": pil_images(6), "kind": ["zebra", "ant", "moth"] * 2},
-                           features=Features({"image": Image(), "kind": Dataset.from_dict({"k": ["a"]}).features["k"]}))
+                           features=Features({"image": Image(), "kind": string_feature}))
     ds.save_to_disk(str(tmp_path / "strings"))
     data = load(tmp_path / "strings", label_column="kind", validation_fraction=0.5)
     assert data.label_names == ["ant", "moth", "zebra"]

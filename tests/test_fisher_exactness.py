@@ -138,6 +138,7 @@ def test_in_place_activation_after_the_first_hooked_layer(mode):
     model = InPlaceAfterFirstLayer().eval()
     expected = brute_force(model, data(), mode)
     assert expected["fc1.weight"].abs().max() > 1e-6  # the definition gives non-zero values
-    fisher = estimate_fisher(model, data(), mode, method="auto", draws=DRAWS, generator=torch.Generator().manual_seed(7))
+    fisher = estimate_fisher(model, data(), mode, method="auto", draws=DRAWS,
+                             generator=torch.Generator().manual_seed(7))
     assert json.loads(fisher.metadata["method_per_layer"])["fc1"] == "hooks"
     assert_close_to(fisher, expected)

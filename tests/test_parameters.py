@@ -62,7 +62,8 @@ def test_reference_missing_path_and_offline_hub(tmp_path):
     model = timm_classifier()
     with pytest.raises(FileNotFoundError, match="neither a file, a folder nor a Hub repo id"):
         Reference.from_checkpoint(str(tmp_path / "nope" / "deeper"), model, ["timm_model.fc"])
-    with pytest.raises(OSError, match=r"Could not load sp_reference 'timm/resnet50.a1_in1k': .*HF_HUB_OFFLINE=1 is set"):
+    with pytest.raises(OSError,
+                       match=r"Could not load sp_reference 'timm/resnet50.a1_in1k': .*HF_HUB_OFFLINE=1 is set"):
         Reference.from_checkpoint("timm/resnet50.a1_in1k", model, ["timm_model.fc"])
     with pytest.raises(FileNotFoundError, match=r"No weights file"):
         Reference.from_checkpoint(str(tmp_path), model, ["timm_model.fc"])

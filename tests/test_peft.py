@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hf_l2sp import SPConfig, SPTrainer
+from hf_l2sp import SPTrainer
 
 from .helpers import sp_config
 from .text_models import save_bert_base, save_gpt2_lm, sentiment_dataset
@@ -121,7 +121,8 @@ def run_steps(folder, tmp_path, regularizer, accumulation=1, steps=1):
 
 
 def test_one_sgd_step_equals_the_closed_form(tmp_path, bert_folder):
-    """w_l2sp - w_none = -lr * grad Omega: on B, alpha s^2 B (A A^T); on A, alpha s^2 (B^T B) A; on the head, beta w."""
+    """w_l2sp - w_none = -lr * grad Omega: on B, alpha s^2 B (A A^T); on A, alpha s^2 (B^T B) A; on the head,
+    beta w."""
     _, _, plain, _ = run_steps(bert_folder, tmp_path, "none")
     model, start, after, trainer = run_steps(bert_folder, tmp_path, "l2_sp")
     for layer_name in [n.rsplit(".lora_A", 1)[0] for n in start if ".lora_A." in n]:

@@ -86,7 +86,8 @@ def test_text_classification_example_runs_as_written(tmp_path):
     from .text_models import save_distilbert_base
 
     local = save_distilbert_base(tmp_path / "distilbert")
-    out = run_as_script(python_block("AutoModelForSequenceClassification", "DataCollatorWithPadding", "SPTrainer("), tmp_path,
+    block = python_block("AutoModelForSequenceClassification", "DataCollatorWithPadding", "SPTrainer(")
+    out = run_as_script(block, tmp_path,
                         {'"distilbert/distilbert-base-uncased"': repr(local),
                          'report_to="none"': 'report_to="none", use_cpu=True'})
     assert "task head: classifier" in out and "pre_classifier.weight" in out

@@ -145,7 +145,8 @@ def test_group_lasso_sp_value(include):
 
 
 def test_group_lasso_sp_groups_are_output_channels():
-    """Moving one filter costs sqrt(p) ||d||; the same squared distance split over filters costs more (sum of norms)."""
+    """Moving one filter costs sqrt(p) ||d||; the same squared distance split over filters costs more (sum of
+    norms)."""
     model = Tiny()
     reference = Reference.snapshot(model, ["fc"])
     with torch.no_grad():

@@ -159,7 +159,8 @@ def test_card_describes_the_task_the_model_was_trained_for(tmp_path, distilbert_
         data, loader = sentiment_dataset(distilbert_folder, keep_text=False), "AutoModelForSequenceClassification"
         collator = DataCollatorWithPadding(AutoTokenizer.from_pretrained(distilbert_folder))
     else:
-        model, data, loader = AutoModelForCausalLM.from_pretrained(gpt2_folder), padded_lm_batch(), "AutoModelForCausalLM"
+        model, data = AutoModelForCausalLM.from_pretrained(gpt2_folder), padded_lm_batch()
+        loader = "AutoModelForCausalLM"
         collator = None
     trainer = SPTrainer(model=model, args=sp_config(tmp_path, max_steps=1), train_dataset=data,
                         data_collator=collator)

@@ -204,8 +204,9 @@ def test_reference_head_of_the_same_shape_is_anchored(tmp_path):
 
 def test_reference_of_another_architecture_is_refused(tmp_path):
     timm_classifier("resnet10t").save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match=r"does not match TimmWrapperForImageClassification: model parameters missing from the reference: "
-                       r"layer3.0.conv3.weight.*shape mismatches outside the head: bn1.bias: reference \(64,\) vs model \(32,\)"):
+    with pytest.raises(ValueError, match=r"does not match TimmWrapperForImageClassification: model parameters "
+                       r"missing from the reference: layer3.0.conv3.weight.*shape mismatches outside the head: "
+                       r"bn1.bias: reference \(64,\) vs model \(32,\)"):
         SPTrainer(model=timm_classifier(), args=sp_config(tmp_path, sp_reference=str(tmp_path / "other")))
 
 

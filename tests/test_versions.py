@@ -61,7 +61,8 @@ def test_the_installed_trainer_has_every_hook():
 
 
 def test_both_sets_pin_the_torch_pair_that_lowest_shares():
-    """`.venv-lowest` hard-links `.venv`'s torch stack: that is only the lowest set's torch if both pin the same pair."""
+    """`.venv-lowest` hard-links `.venv`'s torch stack: that is the lowest set's torch only if both pin the same
+    pair."""
     pinned = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if match := re.match(r"(torch|torchvision)==([\w.]+)", line.strip()):

@@ -1,7 +1,7 @@
 """What a checkpoint needs so that resuming never re-anchors: the anchor itself and a completion marker.
 
-Each checkpoint folder gets `sp_anchor.safetensors` (w0 in its stored dtype, canonical names, with its fingerprint in the
-metadata) and, written last, `sp_checkpoint_complete.json`. A folder without the marker was interrupted while
+Each checkpoint folder gets `sp_anchor.safetensors` (w0 in its stored dtype, canonical names, with its fingerprint in
+the metadata) and, written last, `sp_checkpoint_complete.json`. A folder without the marker was interrupted while
 being written (e.g. SIGKILL) and is never resumed from.
 """
 
@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from safetensors.torch import save_file
 from torch import Tensor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..utils.files import replacing, write_text_atomically
 from ..loading.model_parts import checkpoint_key
 from ..loading.weights import weight_files
+from ..utils.errors import ConfigError, MissingFileError
+from ..utils.files import replacing, write_text_atomically
 from .fisher_io import FisherDiagonal, load_fisher
 from .reference import Reference
-from ..utils.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Model cards: facts gathered from a training run, rendered offline through the Jinja template.
 
 `card_facts(...)` collects plain values (and strips anything machine-specific: local paths, tokens, output
-folders); `render_model_card(facts)` is pure and offline. The template lives in `hf_l2sp/artefacts/templates/model_card.md`
-(also reachable as `model_cards/template.md`).
+folders); `render_model_card(facts)` is pure and offline. The template lives in
+`hf_l2sp/artefacts/templates/model_card.md` (also reachable as `model_cards/template.md`).
 """
 
 from __future__ import annotations

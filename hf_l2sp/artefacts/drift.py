@@ -2,8 +2,8 @@
 
 For every anchored tensor: distance ||w - w0||_2, reference norm ||w0||_2 and relative distance ||w - w0|| / ||w0||.
 Stages come from `stages.stage_modules` (timm's `feature_info`, or a transformers CNN's `encoder.stages`), else the
-model's repeated blocks (a transformer's layers); tensors before the first stage are `stem`, after the last `head`. Stage and total distances are Euclidean over
-their tensors.
+model's repeated blocks (a transformer's layers); tensors before the first stage are `stem`, after the last `head`.
+Stage and total distances are Euclidean over their tensors.
 """
 
 from __future__ import annotations

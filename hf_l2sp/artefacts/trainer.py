@@ -14,17 +14,17 @@ import json
 import logging
 from pathlib import Path
 
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from ..anchor.adapters import is_peft_model
 from ..anchor.fisher_io import FISHER_FILENAME, save_fisher
-from ..utils.errors import ConfigError
 from ..anchor.parameters import full_values
 from ..loading.model_parts import model_task, unwrap_model
 from ..loading.models import is_timm_wrapper, set_eval_data_config
 from ..loading.transforms import transform_facts
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
 from ..training.trainer import PenaltyMixin
+from ..utils.errors import ConfigError
 from ..utils.files import write_text_atomically
 from ..utils.version import __version__
 from .card import card_facts, non_default_hyperparameters, render_model_card
@@ -49,10 +49,11 @@ class SPMixin(PenaltyMixin):
 
     Use it exactly like the trainer it extends. At construction it decides which tensors are new (absent from the
     checkpoint the model came from, or the task head) and snapshots the others, w0 (in each parameter's dtype, on the
-    training device, outside the model), or loads them from `args.sp_reference`. In every training forward it adds the regularizer's Omega, once per optimizer step whatever
-    the gradient accumulation and model class; evaluation losses never include it. It logs `sp/penalty` (Omega),
-    `sp/head_penalty` (its beta part) and `sp/distance` (||w_S - w0_S||_2), averaged over each logging window.
-    `save_model()` leaves a folder that timm, transformers and the pipeline load, with drift files and a model card.
+    training device, outside the model), or loads them from `args.sp_reference`. In every training forward it adds the
+    regularizer's Omega, once per optimizer step whatever the gradient accumulation and model class; evaluation losses
+    never include it. It logs `sp/penalty` (Omega), `sp/head_penalty` (its beta part) and `sp/distance`
+    (||w_S - w0_S||_2), averaged over each logging window. `save_model()` leaves a folder that timm, transformers and
+    the pipeline load, with drift files and a model card.
 
     Args:
         regularizer: a ready `Regularizer` to use instead of the one named by `args.regularizer`.
@@ -168,7 +169,8 @@ class SPMixin(PenaltyMixin):
             anchor_source=self._anchor_description(),
             base_model=self.base_model(),
             base_revision=report.revision if report is not None else None, is_timm=is_timm_wrapper(model),
-            data=self.data_description or self._described_data() or self._dataset_sizes(), metrics=self.sp_metrics, drift=drift,
+            data=self.data_description or self._described_data() or self._dataset_sizes(),
+            metrics=self.sp_metrics, drift=drift,
             hyperparameters=non_default_hyperparameters(self.args),
             fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
             label=self.regularizer_spec.label, task=model_task(model),

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         if options.epochs is not None:
             run_options["num_train_epochs"] = options.epochs
         results[regularizer] = finetune(*parse_options(run_options))
-    print(f"\nEfficientNet-Lite0 (ImageNet) -> digits, {options.samples_per_class} images per class, seed {options.seed}")
+    print(f"\nEfficientNet-Lite0 (ImageNet) -> digits, {options.samples_per_class} images per class, "
+          f"seed {options.seed}")
     print(f"{'regularizer':12s} {'test accuracy':>14s} {'val accuracy':>13s}  checkpoint")
     for regularizer, metrics in results.items():
         print(f"{regularizer:12s} {metrics['test_accuracy']:14.4f} {metrics['eval_accuracy']:13.4f}  "

@@ -1,4 +1,4 @@
-"""`hf-l2sp study`: the transfer study (far: ImageNet Lite0 -> digits, MNIST; near: MNIST 0-4 -> 5-9), all regularizers.
+"""`hf-l2sp study`: the transfer study (far: ImageNet Lite0 -> digits, MNIST; near: MNIST 0-4 -> 5-9), all penalties.
 
     hf-l2sp study --output results/study                 # the full study (resumable: rerun to continue)
     hf-l2sp study --quick --output results/quick         # one dataset, two sizes, two seeds, no grid

@@ -39,7 +39,8 @@ class DataArguments:
         default=None, metadata={"help": "Test split; default: 'test' when present; 'none': no test split."}
     )
     validation_fraction: float = field(
-        default=0.1, metadata={"help": "Share of train held out (stratified, seeded) when there is no validation split."}
+        default=0.1,
+        metadata={"help": "Share of train held out (stratified, seeded) when there is no validation split."}
     )
     image_column: str | None = field(default=None, metadata={"help": "Image column; default: the Image feature."})
     label_column: str | None = field(default=None, metadata={"help": "Label column; default: the ClassLabel feature."})
@@ -181,7 +182,8 @@ def _load_raw(args: DataArguments) -> DatasetDict:
         hint = ("offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1) and it is not cached; run once with "
                 "network access, or point dataset_name at a local folder" if datasets_offline()
                 else "the Hub could not be reached or has no such dataset; check the id, or use a local folder")
-        raise ConfigError(f"Could not load dataset {args.dataset_name!r}: {hint}. ({type(err).__name__}: {err})") from err
+        raise ConfigError(f"Could not load dataset {args.dataset_name!r}: {hint}. "
+                          f"({type(err).__name__}: {err})") from err
     return DatasetDict({"train": raw}) if isinstance(raw, Dataset) else raw
 
 

@@ -100,8 +100,8 @@ def markdown(records: list[dict], selection: dict, meta: dict) -> str:
                 continue
             margin = "" if choice["margin"] is None else f"{100 * choice['margin']:.1f}"
             lines.append(f"| {reg} | {_grid(choice)} | {choice['value']:g} | {_pct(choice['mean_val'])} ± "
-                         f"{_pct(choice['std_val'])} | {margin} | {', '.join(f'{v:g}' for v in choice['split_choices'])}"
-                         f" | {choice['agreement']:.2f} |")
+                         f"{_pct(choice['std_val'])} | {margin} | "
+                         f"{', '.join(f'{v:g}' for v in choice['split_choices'])} | {choice['agreement']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -82,7 +82,8 @@ class Study:
                     runs = [r for r in _of(grid_records, setting.name) if r["regularizer"] == reg]
                     sel["regularizers"][reg] = choose(runs, "grid_value").as_dict()
         self._write_selection(selection)
-        finals = [self.spec("final", setting, fisher, reg, size, seed, selection[setting.name]["learning_rate"]["value"],
+        finals = [self.spec("final", setting, fisher, reg, size, seed,
+                            selection[setting.name]["learning_rate"]["value"],
                             selection[setting.name]["regularizers"][reg]["value"])
                   for setting, fisher in prepared for reg in self.plan.regularizers
                   for size in self.plan.sizes for seed in self.plan.seeds]

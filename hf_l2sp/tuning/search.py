@@ -1,10 +1,10 @@
 """`search`: which coefficient (and learning rate) suits a regularizer on this data, chosen on validation only.
 
 Grid: every value x learning rate x seed is one run of the engine (resumable, parallel); the value with the best
-mean validation accuracy over the seeds wins (ties: the lower validation loss, then the smaller value). TPE: `n_trials` optuna trials over
-log(value) (and log(lr)), run by `SPTrainer.hyperparameter_search` with the trials stored in `optuna.db` (rerunning
-continues the same study). The test split is never loaded while choosing; `final=True` then trains the chosen
-configuration once and evaluates it on test.
+mean validation accuracy over the seeds wins (ties: the lower validation loss, then the smaller value). TPE:
+`n_trials` optuna trials over log(value) (and log(lr)), run by `SPTrainer.hyperparameter_search` with the trials
+stored in `optuna.db` (rerunning continues the same study). The test split is never loaded while choosing;
+`final=True` then trains the chosen configuration once and evaluates it on test.
 """
 
 from __future__ import annotations

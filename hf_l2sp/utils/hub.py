@@ -59,8 +59,9 @@ def download_snapshot(repo_id: str, description: str, revision: str | None = Non
     except Exception as err:
         why = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache" if hub_offline()
                else "the Hub could not be reached or has no such repo")
-        raise HubUnavailableError(f"Could not load {description}: it is not a local folder and {why} ({type(err).__name__}). "
-                                  "Pass a local folder, or run once with network access to cache it.") from err
+        raise HubUnavailableError(f"Could not load {description}: it is not a local folder and {why} "
+                                  f"({type(err).__name__}). Pass a local folder, or run once with network access "
+                                  "to cache it.") from err
 
 
 def public_name(value: str | None) -> str | None:
