@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..loading.model_parts import canonical_name, head_parameter_names, in_modules, peft_base_model
+from ..loading.model_parts import canonical_name, head_parameter_names, in_modules, is_peft_model, peft_base_model
 from ..loading.new_tensors import NewTensors
 from ..utils.errors import ConfigError
 
@@ -85,15 +85,11 @@ class AdapterPlan:
         return NewTensors(names, head_modules, note=note)
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | None:
     """The adapter plan of a PEFT model (None for any other model); refuses what it cannot penalise exactly."""
-    base = peft_base_model(model)
-    if base is model or not is_peft_model(model):
+    if not is_peft_model(model):
         return None
+    base = peft_base_model(model)
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper

@@ -17,10 +17,9 @@ from pathlib import Path
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..anchor.adapters import is_peft_model
 from ..anchor.fisher_io import FISHER_FILENAME, save_fisher
 from ..anchor.parameters import full_values
-from ..loading.model_parts import model_task, unwrap_model
+from ..loading.model_parts import is_peft_model, model_task, unwrap_model
 from ..loading.models import is_timm_wrapper, set_eval_data_config
 from ..loading.transforms import transform_facts
 from ..training.trainer import PenaltyMixin

@@ -52,10 +52,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """A PEFT model (`PeftModel` and its task subclasses), under any wrapper."""
+    inner = unwrap_model(model)
+    return hasattr(inner, "peft_config") and hasattr(inner, "get_base_model")
+
+
 def peft_base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT model (LoRA layers injected), or the unwrapped model itself."""
     inner = unwrap_model(model)
-    return inner.get_base_model() if hasattr(inner, "peft_config") and hasattr(inner, "get_base_model") else inner
+    return inner.get_base_model() if is_peft_model(inner) else inner
 
 
 def base_prefix(model: nn.Module) -> str:
