@@ -259,3 +259,16 @@ def test_biases_trained_with_bias_all_are_anchored_to_their_start(tmp_path, bert
     expected = 0.5 * ALPHA * (merged_distance(model) + sum(0.01 * p.numel() for p in sets.anchored))
     expected = expected + 0.5 * BETA * sum(p.square().sum() for p in sets.head)
     torch.testing.assert_close(terms.penalty, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_drift_of_a_peft_model_groups_its_anchored_tensors_by_block(tmp_path, bert_folder):
+    """The drift report's blocks are named as the tensors are (canonical), not with PEFT's wrapper prefix, which
+    put every anchored tensor of a PEFT model into 'stem'."""
+    from hf_l2sp.artefacts.drift import compute_drift
+
+    model = lora_model(bert_folder, bias="all")
+    trainer = trainer_for(model, tmp_path, bert_folder, sp_include="all")
+    drift = compute_drift(model, trainer.sp_reference.tensors, set(trainer.sp_parameters().anchored_names))
+    in_block = {row["name"] for row in drift["layers"] if row["stage"] == "bert.encoder.layer.0"}
+    assert in_block and all(name.startswith("bert.encoder.layer.0.") for name in in_block)
+    assert "bert.encoder.layer.0.attention.self.query.bias" in in_block

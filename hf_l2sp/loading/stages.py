@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .model_parts import unwrap_model
+from .model_parts import canonical_name, unwrap_model
 
 
 def stage_modules(model: nn.Module) -> list[str]:
@@ -31,7 +31,8 @@ def stage_modules(model: nn.Module) -> list[str]:
 def block_modules(model: nn.Module) -> list[str]:
     """The repeated blocks of a model without stages (a transformer's layers: BERT's `encoder.layer`, GPT-2's
     `transformer.h`, Llama's `model.layers`): the elements of the list of same-class modules holding the most
-    parameters. For the drift report, where they play the part of stages ([] when there is no such list)."""
+    parameters, by canonical name (a PEFT model's too). For the drift report, where they play the part of stages
+    ([] when there is no such list)."""
     inner = unwrap_model(model)
     best, best_size = [], 0
     for name, module in inner.named_modules():
@@ -40,5 +41,5 @@ def block_modules(model: nn.Module) -> list[str]:
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
-            best, best_size = [f"{name}.{i}" for i in range(len(children))], size
+            best, best_size = [canonical_name(f"{name}.{i}") for i in range(len(children))], size
     return best
