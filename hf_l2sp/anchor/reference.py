@@ -14,18 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, saved_keys
+from ..loading.model_parts import unwrap_model
 from ..loading.weights import read_state_dict
-from ..utils.text import first_few
-from ..loading.model_parts import (
-    base_prefix,
-    canonical_name,
-    checkpoint_key,
-    head_parameter_names,
-    saved_keys,
-    unwrap_model,
-)
-from .parameters import is_sharded, local_view
 from ..utils.errors import ConfigError
+from ..utils.text import first_few
+from .parameters import is_sharded, local_view
 
 
 @dataclass
@@ -57,8 +51,8 @@ class Reference:
                 cname = canonical_name(name)
                 if cname not in heads and (param.requires_grad or not trainable_only):
                     tensors[cname] = param.detach().to(device=device or param.device, copy=True)
-        name = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or type(model).__name__
         base = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", None) or None
+        name = base or type(model).__name__
         return cls(tensors, source or f"snapshot of {name} when SPTrainer was built", sorted(heads), base)
 
     @classmethod
