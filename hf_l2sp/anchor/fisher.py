@@ -50,8 +50,8 @@ def _check_source_head(model: nn.Module, x: Tensor) -> int:
         logits = _logits(model, {**dict(model.named_parameters()), **dict(model.named_buffers())}, x[:1])
     if headless or logits.ndim != 2 or logits.shape[1] < 2:
         raise ConfigError(f"estimate_fisher needs the source model with its classification head (logits over the "
-                         f"source classes); this model returns shape {tuple(logits.shape)}. Load the pretrained "
-                         "checkpoint as is (e.g. the 1000 ImageNet outputs), not a headless or re-headed copy.")
+                          f"source classes); this model returns shape {tuple(logits.shape)}. Load the pretrained "
+                          "checkpoint as is (e.g. the 1000 ImageNet outputs), not a headless or re-headed copy.")
     return logits.shape[1]
 
 
@@ -86,7 +86,7 @@ def estimate_fisher(model: nn.Module, batches: Iterable[dict[str, Any]], mode: s
     if method == "hooks" and "vmap" in routes.values():
         unruled = sorted(m for m, r in routes.items() if r == "vmap")
         raise ConfigError(f"method='hooks' has no per-sample rule for layers {unruled[:5]} of "
-                         f"{type(model).__name__}; use method='auto' (hooks where exact, vmap for those) or 'vmap'.")
+                          f"{type(model).__name__}; use method='auto' (hooks where exact, vmap for those) or 'vmap'.")
     was_training = model.training
     model.eval()
     try:

@@ -42,7 +42,7 @@ class FisherDiagonal:
         negative = [k for k, t in self.tensors.items() if bool((t < -tolerance).any())]
         if negative:
             raise ConfigError(f"Fisher diagonal from {self.source} has negative entries in: {first_few(negative)}; "
-                             "a Fisher diagonal is a mean of squares and cannot be negative.")
+                              "a Fisher diagonal is a mean of squares and cannot be negative.")
         self.tensors = {k: t.clamp(min=0) if bool((t < 0).any()) else t for k, t in self.tensors.items()}
 
     def aligned_to(self, keys: list[str], shapes: list[torch.Size], device=None) -> list[Tensor]:
@@ -58,7 +58,7 @@ class FisherDiagonal:
                 parts.append(f"shape mismatches {first_few(wrong)}")
             model_id = self.metadata.get("source_model", "an unknown model")
             raise ConfigError(f"Fisher file {self.source} (estimated for {model_id}) does not match the model: "
-                             + "; ".join(parts) + ". Estimate the Fisher for this architecture.")
+                              + "; ".join(parts) + ". Estimate the Fisher for this architecture.")
         return [self.tensors[k].to(device=device, dtype=torch.float32) for k in keys]
 
 
@@ -89,7 +89,7 @@ def load_fisher(path_or_repo: str | os.PathLike, revision: str | None = None) ->
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except SafetensorError as err:
         raise ConfigError(f"Fisher file {str(path)!r} is not a readable safetensors file ({err}); write it with "
-                         "`hf-l2sp fisher` or `save_fisher`.") from err
+                          "`hf-l2sp fisher` or `save_fisher`.") from err
     if not tensors:
         raise ConfigError(f"Fisher file {str(path)!r} holds no tensors.")
     return FisherDiagonal(tensors, metadata, source=str(path_or_repo))

@@ -150,7 +150,7 @@ def check_something_is_anchored(model: nn.Module, sets: SPParameters, regularize
                f"{type(unwrap_model(model)).__name__} (sp_include={include!r}, {len(sets.head)} new tensors)")
     if free:
         raise ConfigError(f"{message}: its trainable tensors {first_few(free)} are neither anchored nor new. "
-                         "Use sp_include='all' to anchor every trainable tensor, or check sp_head.")
+                          "Use sp_include='all' to anchor every trainable tensor, or check sp_head.")
     warnings.warn(f"{message}: every trainable tensor is new, so alpha acts on nothing and only beta's L2 on the "
                   "new tensors remains.", UserWarning, stacklevel=3)
 

@@ -72,7 +72,7 @@ def load_anchor(folder: str | os.PathLike, device=None) -> Reference:
                           base_model=metadata.get("base_model"), new_description=metadata.get("new_tensors"))
     if metadata.get("fingerprint") and reference.fingerprint() != metadata["fingerprint"]:
         raise ConfigError(f"The anchor stored in {str(folder)!r} is corrupt (its fingerprint does not match its "
-                         "content); resume from an earlier checkpoint.")
+                          "content); resume from an earlier checkpoint.")
     return reference
 
 
@@ -105,21 +105,21 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, d
     if not is_complete(checkpoint):
         last = last_complete_checkpoint(Path(checkpoint).parent)
         raise ConfigError(f"Checkpoint {checkpoint!r} was not completely written (interrupted while saving?); "
-                         f"it cannot be resumed from. Last complete checkpoint: {last or 'none'}.")
+                          f"it cannot be resumed from. Last complete checkpoint: {last or 'none'}.")
     stored = load_anchor(checkpoint, device)
     problems = compare_anchors(stored, current)
     if problems:
         raise ConfigError(f"Cannot resume from {checkpoint!r}: the model does not match the anchor stored there ("
-                         + "; ".join(problems) + "). Resume with the model and regularizer the run started with.")
+                          + "; ".join(problems) + "). Resume with the model and regularizer the run started with.")
     if stored.fingerprint() != current.fingerprint():
         if fixed:
             raise ConfigError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
-                             f"({description}). Resuming must keep the anchor the run started "
-                             "with; remove sp_reference or point it at the original checkpoint.")
+                              f"({description}). Resuming must keep the anchor the run started "
+                              "with; remove sp_reference or point it at the original checkpoint.")
         if not holds_checkpoint_weights(checkpoint, current, keys, prefix):
             raise ConfigError(f"Cannot resume from {checkpoint!r}: the model given now holds neither the run's "
-                             "pretrained weights (its stored anchor w0) nor this checkpoint's weights: it is another "
-                             "model of the same shape. Resume with the model the run started from.")
+                              "pretrained weights (its stored anchor w0) nor this checkpoint's weights: it is another "
+                              "model of the same shape. Resume with the model the run started from.")
         logger.info("hf_l2sp: the model holds %s's weights; the anchor is the stored w0 (resuming never "
                     "re-anchors).", checkpoint)
     stored.head_names = current.head_names
@@ -135,7 +135,7 @@ def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given
     if saved.tensors.keys() != fisher.tensors.keys() or any(
             not torch.equal(saved.tensors[k], fisher.tensors[k].cpu()) for k in saved.tensors):
         raise ConfigError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({given})"
-                         " differs from the one the run used (stored in the checkpoint).")
+                          " differs from the one the run used (stored in the checkpoint).")
 
 
 def holds_checkpoint_weights(checkpoint: str, current: Reference, keys: dict[str, str], prefix: str) -> bool:

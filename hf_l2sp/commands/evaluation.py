@@ -70,8 +70,8 @@ def evaluate_checkpoint(options) -> dict:
         skip_bad_images=options.skip_bad_images), options.split, seed=options.seed)
     if data.label_names != model_labels:
         raise ConfigError(f"The labels of {options.dataset_name!r} ({data.label_names[:10]}) are not the model's "
-                         f"({model_labels[:10]}), in the same order; evaluate on the dataset the model was trained "
-                         "for.")
+                          f"({model_labels[:10]}), in the same order; evaluate on the dataset the model was trained "
+                          "for.")
     transforms = build_transforms(data_config_of(model), "none")  # the saved evaluation preprocessing
     dataset = with_transforms(data, transforms.eval, transforms.eval)["eval"]
     logits, labels = predict(model, dataset, options.batch_size)

@@ -61,7 +61,7 @@ def _run(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, dict]:
     known, rest = parser.parse_known_args(argv)
     if any(a == "--accelerate_config" or a.startswith("--accelerate_config=") for a in rest):
         raise ConfigError(f"{prog} runs its trials as local processes (--workers); --accelerate_config is for "
-                         "hf-l2sp train.")
+                          "hf-l2sp train.")
     options = options_from_argv(ARGUMENT_TYPES, rest, prog)
     if not options.get("output_dir"):
         raise ConfigError(f"{prog} needs --output_dir (in the recipe or as a flag): its results go there.")
@@ -110,7 +110,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     known, options = _run(list(sys.argv[2:] if argv is None else argv), "hf-l2sp compare", extra)
     if known.search_alpha is not None:
         raise ConfigError("hf-l2sp compare tunes each regularizer on its own grid (their scales differ); "
-                         "--search_alpha is for hf-l2sp search.")
+                          "--search_alpha is for hf-l2sp search.")
     out = Path(options["output_dir"])
     result = _user_facing(lambda: compare(
         {**options, "output_dir": str(out / "best")}, out, known.regularizers,

@@ -119,7 +119,7 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
         n_val = max(math.ceil(args.validation_fraction * n_train), len(names))  # stratified: one per class at least
         if n_train - n_val < len(names):
             raise ConfigError(f"Split {train_name!r} has {n_train} images for {len(names)} classes: too few to carve "
-                             "a stratified validation split. Pass validation_split, or more data.")
+                              "a stratified validation split. Pass validation_split, or more data.")
         carved = splits["train"].train_test_split(test_size=n_val, seed=seed, stratify_by_column=label_col)
         splits["train"], splits["validation"] = carved["train"], carved["test"]
     if args.max_train_samples_per_class:
@@ -231,11 +231,11 @@ def _label_column(raw: DatasetDict, train: str, override: str | None,
         found = [n for n, f in ds.features.items() if isinstance(f, ClassLabel)]
         if len(found) > 1:
             raise ConfigError(f"Dataset has several ClassLabel columns ({', '.join(found)}); set label_column. "
-                             f"Columns: {_describe_features(ds)}.")
+                              f"Columns: {_describe_features(ds)}.")
         col = found[0] if found else next((n for n in ("label", "labels") if n in ds.features), None)
         if col is None:
             raise ConfigError(f"Dataset has no label column (no ClassLabel, no 'label'); set label_column. "
-                             f"Columns: {_describe_features(ds)}." + _single_class_hint(source))
+                              f"Columns: {_describe_features(ds)}." + _single_class_hint(source))
     feature = ds.features[col]
     if isinstance(feature, ClassLabel):
         return col, list(feature.names), raw
@@ -243,13 +243,13 @@ def _label_column(raw: DatasetDict, train: str, override: str | None,
                                                                                                  "large_string")):
         kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
         raise ConfigError(f"label_column {col!r} holds {kind}, not class labels: use a ClassLabel, integer or "
-                         f"short-string column. Columns: {_describe_features(ds)}.")
+                          f"short-string column. Columns: {_describe_features(ds)}.")
     values = sorted({v for split in raw.values() if col in split.features for v in split[col]})
     rows = sum(len(split) for split in raw.values() if col in split.features)
     if not feature.dtype.startswith("int") and len(values) > max(10, rows // 2):
         raise ConfigError(f"label_column {col!r} looks like free text, not class labels: {len(values)} distinct "
-                         f"values in {rows} rows (e.g. {values[0]!r}). Choose the column that names each image's "
-                         f"class. Columns: {_describe_features(ds)}.")
+                          f"values in {rows} rows (e.g. {values[0]!r}). Choose the column that names each image's "
+                          f"class. Columns: {_describe_features(ds)}.")
     names = [str(v) for v in values]
     if feature.dtype.startswith("int"):
         if values and values[0] < 0:
@@ -282,7 +282,7 @@ def _check_labels(ds: Dataset, col: str, num_classes: int, split: str) -> None:
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
         raise ConfigError(f"Split {split!r} has {bad.size} labels outside 0..{num_classes - 1} "
-                         f"(e.g. {sorted(set(bad.tolist()))[:5]}); unlabeled or corrupt rows must be removed.")
+                          f"(e.g. {sorted(set(bad.tolist()))[:5]}); unlabeled or corrupt rows must be removed.")
 
 
 def few_shot_subset(ds: Dataset, label_col: str, per_class: int, seed: int) -> Dataset:
@@ -327,8 +327,8 @@ def check_images(splits: dict[str, Dataset], image_col: str, sources: dict[str, 
             row = ds[bad[0]][ROW]
             more = f" ({len(bad) - 1} more in this split)" if len(bad) > 1 else ""
             raise ConfigError(f"Cannot decode the image in row {row} of split {sources.get(name, name)!r}, column "
-                             f"{image_col!r} ({errors[bad[0]]}){more}. Fix or remove it, or pass --skip_bad_images "
-                             "true to drop such rows.")
+                              f"{image_col!r} ({errors[bad[0]]}){more}. Fix or remove it, or pass --skip_bad_images "
+                              "true to drop such rows.")
         if bad:
             logger.warning("hf_l2sp: dropped %d undecodable image(s) from split %r.", len(bad), name)
             ds = ds.select(sorted(set(range(len(ds))) - set(bad)))

@@ -94,7 +94,7 @@ def load_backbone(name_or_path: str, id2label: dict[int, str], revision: str | N
         kind, arch = "transformers", type(model).__name__
     else:
         raise ConfigError(f"{source!r} has a config.json that neither timm (no 'architecture') nor transformers "
-                         "(no 'model_type') can read.")
+                          "(no 'model_type') can read.")
     model.config._name_or_path = source  # provenance for logs and model cards (never a local cache path)
     return model, _report(model, new, source, revision, kind, arch)
 
@@ -108,12 +108,12 @@ def load_source_classifier(name_or_path: str, revision: str | None = None,
     num_classes = config.get("num_classes") or len(names)
     if not num_classes:
         raise ConfigError(f"{source!r} has no classification head in its config (num_classes/label_names/id2label "
-                         "missing); the Fisher needs the source model's own head.")
+                          "missing); the Fisher needs the source model's own head.")
     id2label = {i: str(names[i]) if i < len(names) else f"LABEL_{i}" for i in range(num_classes)}
     model, report = load_backbone(name_or_path, id2label, revision, cache_dir)
     if report.new_tensors:
         raise ConfigError(f"The source head of {source!r} did not load ({', '.join(report.new_tensor_names)}); "
-                         "the Fisher must be computed with the pretrained head.")
+                          "the Fisher must be computed with the pretrained head.")
     return model, report
 
 
@@ -135,11 +135,11 @@ def _timm_hub_id(name: str) -> str:
 
     if not timm.is_model(name.split(".")[0]):
         raise ConfigError(f"Model {name!r} is not a local folder, a Hub id ('org/name') or a timm model name. "
-                         "Examples: 'timm/resnet50.a1_in1k', 'resnet50.a1_in1k', './my_checkpoint'.")
+                          "Examples: 'timm/resnet50.a1_in1k', 'resnet50.a1_in1k', './my_checkpoint'.")
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not getattr(cfg, "hf_hub_id", None):
         raise ConfigError(f"timm has no Hub weights for {name!r}; name a tag with weights, e.g. "
-                         f"{(timm.list_pretrained(name.split('.')[0] + '*') or ['resnet50.a1_in1k'])[0]!r}.")
+                          f"{(timm.list_pretrained(name.split('.')[0] + '*') or ['resnet50.a1_in1k'])[0]!r}.")
     return cfg.hf_hub_id
 
 
@@ -180,8 +180,8 @@ def _load_timm(folder: Path, config: dict, id2label: dict[int, str], source: str
     new |= {k for k in head if k not in load}
     if missing or problems:
         raise ConfigError(f"Pretrained weights of {source!r} do not fit timm '{config['architecture']}': "
-                         + "; ".join(filter(None, [_listed("missing", missing), _listed("mismatched", problems)]))
-                         + ". Refusing to return a partly random backbone.")
+                          + "; ".join(filter(None, [_listed("missing", missing), _listed("mismatched", problems)]))
+                          + ". Refusing to return a partly random backbone.")
     timm_model.load_state_dict(load, strict=False)
     return model, {f"timm_model.{k}" for k in new}
 
@@ -197,8 +197,8 @@ def _load_transformers(folder: Path, id2label: dict[int, str], source: str):
     bad_mismatch = sorted(k for k in mismatched if k not in head)
     if missing or bad_mismatch:
         raise ConfigError(f"Pretrained weights of {source!r} do not fit {type(model).__name__}: "
-                         + "; ".join(filter(None, [_listed("missing", missing), _listed("mismatched", bad_mismatch)]))
-                         + ". Refusing to return a partly random backbone.")
+                          + "; ".join(filter(None, [_listed("missing", missing), _listed("mismatched", bad_mismatch)]))
+                          + ". Refusing to return a partly random backbone.")
     new = {k for k in head if k in mismatched or k in info.get("missing_keys", [])}
     return model, new
 

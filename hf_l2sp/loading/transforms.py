@@ -78,7 +78,8 @@ def _transform(image_col: str, label_col: str, tf: Callable, split: str, eval_co
                 image = image.convert("RGB")
             except Exception as err:
                 raise ConfigError(f"Cannot decode the image in row {row} of split {split!r} ({type(err).__name__}: "
-                                 f"{err}). Fix or remove it, or pass skip_bad_images=True to drop such rows.") from err
+                                  f"{err}). Fix or remove it, or pass skip_bad_images=True to drop such "
+                                  "rows.") from err
             pixels.append(tf(image))
         return {"pixel_values": pixels, "labels": batch[label_col]}
 

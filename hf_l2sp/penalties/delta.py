@@ -83,7 +83,7 @@ class DELTA(FeatureRegularizer):
         self.layers = [canonical_name(name) for name in (self.layers or stage_modules(model))]
         if not self.layers:
             raise ConfigError(f"DELTA needs layers to compare; {type(model).__name__} has neither timm feature_info "
-                             "nor transformers encoder.stages. Set sp_delta_layers to module names, comma separated.")
+                              "nor transformers encoder.stages. Set sp_delta_layers to module names, comma separated.")
         known = {canonical_name(n) for n, _ in model.named_modules()}
         unknown = [name for name in self.layers if name not in known]
         if unknown:

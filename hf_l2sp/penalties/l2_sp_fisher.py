@@ -42,10 +42,10 @@ class L2SPFisher(Regularizer):
     def check_config(cls, args, selected: bool) -> None:
         if selected and not args.sp_fisher:
             raise ConfigError("regularizer='l2_sp_fisher' needs sp_fisher: a Fisher-diagonal file, folder or Hub repo "
-                             "(estimate one with `hf-l2sp fisher`).")
+                              "(estimate one with `hf-l2sp fisher`).")
         if args.sp_fisher and not selected:
             raise ConfigError(f"sp_fisher is only used by regularizer='l2_sp_fisher', not {args.regularizer!r}; "
-                             "remove sp_fisher or switch the regularizer.")
+                              "remove sp_fisher or switch the regularizer.")
 
     @classmethod
     def from_config(cls, args) -> L2SPFisher:

@@ -68,12 +68,12 @@ def parse_regularizer(spec: str) -> RegularizerSpec:
     unknown = [p for p in parts if p not in REGULARIZERS and p not in FEATURE_REGULARIZERS]
     if not parts or unknown:
         raise ConfigError(f"Unknown regularizer {spec!r}. Valid choices: {', '.join(all_names())}, or one weight "
-                         "penalty and feature penalties joined by '+' (e.g. 'l2_sp+bss').")
+                          "penalty and feature penalties joined by '+' (e.g. 'l2_sp+bss').")
     weights = [p for p in parts if p in REGULARIZERS]
     features = tuple(p for p in parts if p in FEATURE_REGULARIZERS)
     if len(weights) > 1 or len(set(features)) != len(features):
         raise ConfigError(f"regularizer {spec!r}: at most one weight penalty ({', '.join(sorted(REGULARIZERS))}) and "
-                         "each feature penalty once.")
+                          "each feature penalty once.")
     if weights:
         return RegularizerSpec(weights[0], features, True)
     implied = "l2" if any(FEATURE_REGULARIZERS[f].adds_head_l2 for f in features) else "none"

@@ -106,7 +106,7 @@ class StudyPlan:
             raise ConfigError(f"Unknown study regularizer(s) {unknown}; choices: {', '.join(REGULARIZERS)}.")
         if set(self.seeds) & set(self.selection_seeds):
             raise ConfigError("selection_seeds must differ from seeds: the final runs must not reuse the splits "
-                             "the hyperparameters were chosen on.")
+                              "the hyperparameters were chosen on.")
 
 
 LITE0 = "hf_l2sp:efficientnet_lite0"

@@ -141,10 +141,10 @@ class SPArguments:
         if self.sp_mode != "loss" and not weight.supports_optimizer_side:
             closed_form = ", ".join(n for n, c in REGULARIZERS.items() if c.supports_optimizer_side)
             raise ConfigError(f"sp_mode={self.sp_mode!r} needs a quadratic regularizer ({closed_form}); "
-                             f"{self.regularizer!r} has no closed-form gradient step. Use sp_mode='loss'.")
+                              f"{self.regularizer!r} has no closed-form gradient step. Use sp_mode='loss'.")
         if spec.features and self.sp_mode != "loss":
             raise ConfigError(f"Feature penalties ({', '.join(spec.features)}) act through the loss; they need "
-                             f"sp_mode='loss', not {self.sp_mode!r}.")
+                              f"sp_mode='loss', not {self.sp_mode!r}.")
         if getattr(self, "weight_decay", 0) > 0 and weight.pulls_to_source:
             warnings.warn(
                 f"weight_decay={self.weight_decay} together with regularizer={self.regularizer!r}: the optimizer "

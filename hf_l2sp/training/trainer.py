@@ -352,7 +352,7 @@ class PenaltyMixin:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ConfigError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no completely "
-                                 "written checkpoint-N folder.")
+                                  "written checkpoint-N folder.")
         if resume_from_checkpoint:
             self._restore_anchor(str(resume_from_checkpoint))
         self.sp.side_penalty_total, self.sp.side_penalty_steps = 0.0, 0

@@ -86,7 +86,7 @@ def run_trial(trial: Trial) -> dict:
         data, splits = run.data, run.splits
         if args.dataloader_drop_last and len(splits["train"]) < args.per_device_train_batch_size:
             raise ConfigError(f"{trial.key}: {len(splits['train'])} training images, fewer than one batch of "
-                             f"{args.per_device_train_batch_size}; lower the batch size or raise the size per class.")
+                              f"{args.per_device_train_batch_size}; lower the batch size or raise the size per class.")
         head = _head_fingerprint(run.model)
         trainer = run.trainer(args)
         trainer.remove_callback(PrinterCallback)  # the engine prints one line per run

@@ -116,11 +116,11 @@ def _tpe(options, output_dir, space: SearchSpace, grid, lrs, n_trials, seeds, ba
 
     if seeds != 1:
         raise ConfigError("n_trials (TPE) runs one seed per trial (Trainer.hyperparameter_search); use a grid "
-                         "(search_alpha) for several seeds per value.")
+                          "(search_alpha) for several seeds per value.")
     low, high = min(grid), max(grid)
     if low <= 0 or low == high:
         raise ConfigError(f"TPE searches log(value) between the grid's ends; got [{low}, {high}]. Give at least two "
-                         "positive values.")
+                          "positive values.")
     seed = base_seed + SEARCH_OFFSET
     model_args, data_args, args = parse_options({**options, **RUN_CONTROL, "output_dir": str(output_dir / "tpe"),
                                                  "test_split": NO_SPLIT, "seed": seed, "data_seed": seed})
