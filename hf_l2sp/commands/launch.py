@@ -7,6 +7,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+
 from ..utils.errors import MissingFileError
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
 from ..utils.errors import ConfigError
 
 SCHEME = "hf_l2sp:"

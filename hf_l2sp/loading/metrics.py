@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from transformers import EvalPrediction
+
 from ..utils.errors import ConfigError
 
 METRIC_MODULES = ("top_k_accuracy", "per_class_accuracy")

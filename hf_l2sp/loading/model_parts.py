@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer; imported by name so a rename fails loudly
+
 from ..utils.errors import ConfigError
 
 #: Path components that wrappers insert into parameter names (DDP, torch.compile, FSDP, activation checkpointing).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from typing import Any, ClassVar
+
 from ..utils.errors import ConfigError
 
 PAPER_CITATION = """@inproceedings{li2018explicit,

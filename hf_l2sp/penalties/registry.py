@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING
+
 from ..utils.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -186,7 +186,7 @@ def choose_point(rows: list[dict]) -> dict:
 def _write_csv(rows: list[dict], path: Path, fields: tuple[str, ...]) -> None:
     """One row per run; the searched coefficient's column is named after its field(s) (`sp_alpha`, ...)."""
     named = [f for f in CSV_FIELDS if f != "value"]
-    names = list(fields) or []
+    names = list(fields)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[named[0], *names, *named[1:]], extrasaction="ignore")
         writer.writeheader()

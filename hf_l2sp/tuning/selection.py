@@ -6,6 +6,7 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+
 from ..utils.errors import ConfigError
 
 
