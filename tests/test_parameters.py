@@ -71,18 +71,18 @@ def test_reference_missing_path_and_offline_hub(tmp_path):
 
 def test_checkpoint_key_lists_line_up_where_transformers_renames_modules(tmp_path):
     """transformers 5 saves ViT's `layers` as `encoder.layer`: the S / new rule, sp_reference and the resume check
-    compare with the names the checkpoint really uses (`saved_keys`), not the module names."""
+    compare with the names the checkpoint really uses (`parameter_layouts`), not the module names."""
     from transformers import AutoModelForImageClassification
 
     from hf_l2sp import SPTrainer
-    from hf_l2sp.loading.model_parts import saved_keys
+    from hf_l2sp.loading.checkpoint_layout import parameter_layouts
 
     from .helpers import sp_config, tensor_dataset, vit_classifier
 
     vit_classifier(image_size=32).save_pretrained(tmp_path / "vit")
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "vit")
-    keys = saved_keys(model)
-    assert keys["vit.layers.0.mlp.fc1.weight"] == "encoder.layer.0.intermediate.dense.weight"
+    layout = parameter_layouts(model)["vit.layers.0.mlp.fc1.weight"]
+    assert layout.forms == [{"encoder.layer.0.intermediate.dense.weight": (32, 16)}] and not layout.converted
     trainer = SPTrainer(model=model, args=sp_config(tmp_path, sp_include="all",
                                                     sp_reference=str(tmp_path / "vit")),
                         train_dataset=tensor_dataset(4))

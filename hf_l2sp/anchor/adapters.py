@@ -70,10 +70,19 @@ class AdapterPlan:
     lora: list[LoraTerm] = field(default_factory=list)
     originals: dict[str, Tensor] = field(default_factory=dict)
     lora_parameter_names: list[str] = field(default_factory=list)  # every LoRA parameter, active or not
+    resized: dict[str, int] = field(default_factory=dict)  # copies of resized tensors: name -> pretrained rows
 
     def new_names(self) -> list[str]:
         """Names a snapshot of w0 must skip: LoRA factors (their w0 is 0 in W's terms) and anchored copies."""
         return [*self.lora_parameter_names, *self.originals]
+
+    def anchor_pretrained_rows(self, resized: dict[str, int]) -> None:
+        """A `modules_to_save` copy of a resized vocabulary: only the checkpoint's rows [0, V) are anchored (to
+        the frozen original's rows); the rows added after them are new, as for a plain model."""
+        for name, rows in resized.items():
+            if name in self.originals:
+                self.originals[name] = self.originals[name][:rows]
+        self.resized = {name: rows for name, rows in resized.items() if name in self.originals}
 
     def new_tensors(self, model: nn.Module, head_modules: list[str]) -> NewTensors:
         """S-bar of a PEFT model: the task head, plus what a snapshot of w0 skips (the adapters are measured
@@ -82,7 +91,10 @@ class AdapterPlan:
         if self.originals:
             note += f"; {len(self.originals)} modules_to_save tensors anchored to their frozen originals"
         names = sorted(head_parameter_names(model, head_modules) | set(self.new_names()))
-        return NewTensors(names, head_modules, note=note)
+        if self.resized:
+            note += "; resized (first rows anchored, added rows new): " + ", ".join(
+                f"{name} rows [0, {rows})" for name, rows in sorted(self.resized.items()))
+        return NewTensors(names, head_modules, note=note, resized=dict(self.resized))
 
 
 def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | None:

@@ -23,6 +23,10 @@ class SPParameters:
     anchored: trainable tensors of S that the penalty sees, with their anchors w0 (same order; the parameter's dtype);
     head: trainable tensors of S-bar (new or reshaped) that the penalty sees. Names are canonical; `anchored_keys`
     are the checkpoint keys (see `checkpoint_key`) used to match Fisher files.
+
+    A resized tensor (a vocabulary grown after loading) is in both lists: `anchored_rows[i]` = V says that only its
+    rows [0, V) are anchored (None: the whole tensor), and `head_from[j]` = V that only its rows from V on are new
+    (0: the whole tensor). `anchored_views()` / `head_views()` give exactly the penalised (local) values.
     """
 
     anchored_names: list[str]
@@ -33,6 +37,32 @@ class SPParameters:
     head: list[Tensor]
     #: PEFT LoRA adapters: their distance to the frozen base is computed from the factors (anchor/adapters.py).
     lora: list[LoraTerm] = field(default_factory=list)
+    anchored_rows: list[int | None] = field(default_factory=list)
+    head_from: list[int] = field(default_factory=list)
+    #: Values of every trainable tensor of the model (LoRA factors included): what the coverage shares divide.
+    trainable_values: int = 0
+
+    def anchored_views(self) -> list[Tensor]:
+        """The anchored values the penalty sees: local shards, cut to their pretrained rows (differentiable)."""
+        return [rows_view(local_view(p), rows) for p, rows in zip(self.anchored, self._rows())]
+
+    def head_views(self) -> list[Tensor]:
+        """The new values the penalty sees: local shards, from their first new row on (differentiable)."""
+        return [local_view(p)[start:] if start else local_view(p) for p, start in zip(self.head, self._starts())]
+
+    def _rows(self) -> list[int | None]:
+        return self.anchored_rows or [None] * len(self.anchored)
+
+    def _starts(self) -> list[int]:
+        return self.head_from or [0] * len(self.head)
+
+    def anchored_entries(self) -> list[tuple[Tensor, Tensor, int | None]]:
+        """(parameter, anchor, anchored rows or None) for each anchored tensor."""
+        return list(zip(self.anchored, self.anchors, self._rows()))
+
+    def head_entries(self) -> list[tuple[Tensor, int]]:
+        """(parameter, first new row) for each new tensor."""
+        return list(zip(self.head, self._starts()))
 
     @cached_property
     def sharded(self) -> bool:
@@ -42,14 +72,32 @@ class SPParameters:
     def summary(self) -> dict[str, int]:
         out = {
             "anchored_tensors": len(self.anchored),
-            "anchored_parameters": sum(p.numel() for p in self.anchored),
+            "anchored_parameters": sum(rows_numel(p, rows) for p, rows in zip(self.anchored, self._rows())),
             "head_tensors": len(self.head),
-            "head_parameters": sum(p.numel() for p in self.head),
+            "head_parameters": sum(p.numel() - rows_numel(p, start or None) if start else p.numel()
+                                   for p, start in self.head_entries()),
         }
         if self.lora:
             out.update(lora_layers=len(self.lora),
                        lora_parameters=sum(t.lora_A.numel() + t.lora_B.numel() for t in self.lora))
-        return out
+        return {**out, **self.coverage()}
+
+    def coverage(self) -> dict[str, float]:
+        """Shares of the trainable values: anchored (alpha; LoRA factors, measured against their frozen base,
+        count here), new (beta) and free (neither: left out by `sp_include`)."""
+        total = self.trainable_values
+        anchored = sum(rows_numel(p, rows) for p, rows in zip(self.anchored, self._rows())) + sum(t.lora_A.numel() + t.lora_B.numel() for t in self.lora)
+        new = sum(p.numel() - rows_numel(p, start or None) if start else p.numel()
+                  for p, start in self.head_entries())
+        if not total:
+            return {"anchored_share": 0.0, "new_share": 0.0, "free_share": 0.0}
+        return {"anchored_share": anchored / total, "new_share": new / total,
+                "free_share": max(total - anchored - new, 0) / total}
+
+    def coverage_text(self) -> str:
+        shares = self.coverage()
+        return (f"{self.trainable_values:,} trainable values: {shares['anchored_share']:.1%} anchored, "
+                f"{shares['new_share']:.1%} new, {shares['free_share']:.1%} free")
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -75,6 +123,28 @@ def fsdp_unsharded_now(model: nn.Module) -> bool:
 def local_view(tensor: Tensor) -> Tensor:
     """The rank's own shard of a DTensor (differentiable), or the tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def rows_view(tensor: Tensor, rows: int | None) -> Tensor:
+    """`tensor[:rows]` (its first rows), or the tensor itself for None."""
+    return tensor if rows is None else tensor[:rows]
+
+
+def rows_numel(tensor: Tensor, rows: int | None) -> int:
+    """Values in `tensor[:rows]` (the whole tensor for None), from its global shape (a DTensor's too)."""
+    if rows is None:
+        return tensor.numel()
+    return rows * (tensor.numel() // tensor.shape[0])
+
+
+def anchored_rows(anchor: Tensor, param: Tensor) -> int | None | bool:
+    """How `anchor` covers `param`: None for the whole tensor (same shape), V when it holds the first V rows only
+    (same trailing shape: a resized vocabulary), False when it does not line up."""
+    if tuple(anchor.shape) == tuple(param.shape):
+        return None
+    if anchor.ndim == param.ndim >= 1 and anchor.shape[1:] == param.shape[1:] and anchor.shape[0] < param.shape[0]:
+        return anchor.shape[0]
+    return False
 
 
 def local_anchor(anchor: Tensor, param: Tensor) -> Tensor:
@@ -113,21 +183,30 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
     originals = adapters.originals if adapters else {}
     for name, param in model.named_parameters():
         cname = canonical_name(name)
+        sets.trainable_values += param.numel() if param.requires_grad else 0
         if cname in lora_names:
             continue
         if not param.requires_grad or (allowed is not None and cname not in allowed):
             continue
         anchor = originals.get(cname, reference.get(cname))
-        if anchor is not None and tuple(anchor.shape) == tuple(param.shape):
+        rows = False if anchor is None else anchored_rows(anchor, param)
+        if rows is not False:
+            if rows is not None and is_sharded(param):
+                raise ConfigError(
+                    f"{cname} was resized after loading (its first {rows} rows are pretrained) and is sharded by "
+                    "FSDP2; anchoring part of a sharded tensor is not supported. Resize in the source checkpoint, "
+                    "or train it without sharding.")
             sets.anchored_names.append(cname)
             sets.anchored_keys.append(checkpoint_key(cname, prefix))
             sets.anchored.append(param)
+            sets.anchored_rows.append(rows)
             anchor = local_anchor(anchor, param)  # under FSDP2 each rank keeps only its shard of w0
             device = local_view(param).device
             sets.anchors.append(anchor if anchor.device == device else anchor.to(device))
-        else:
+        if rows is not None:  # no anchor, another shape, or resized: (its added rows) new
             sets.head_names.append(cname)
             sets.head.append(param)
+            sets.head_from.append(rows or 0)
     if adapters:
         sets.lora = list(adapters.lora)
     return sets

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, saved_keys
-from ..loading.model_parts import unwrap_model
+from ..loading.checkpoint_layout import parameter_layouts
+from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
 from ..loading.weights import read_state_dict
 from ..utils.errors import ConfigError
 from ..utils.text import first_few
@@ -41,16 +41,19 @@ class Reference:
     @classmethod
     def snapshot(cls, model: nn.Module, head_modules: list[str], device: torch.device | str | None = None,
                  source: str | None = None, new_names: Iterable[str] = (),
-                 trainable_only: bool = False) -> Reference:
+                 trainable_only: bool = False, resized: dict[str, int] | None = None) -> Reference:
         """Copy every parameter of `model` except the head's and `new_names` (detached, in the parameter's own
-        dtype, on `device`). `trainable_only`: skip frozen tensors too (a PEFT model's frozen base is its own w0)."""
+        dtype, on `device`). `trainable_only`: skip frozen tensors too (a PEFT model's frozen base is its own w0).
+        `resized`: name -> V for a tensor whose first V rows only are pretrained; its anchor is those rows."""
         heads = head_parameter_names(model, head_modules) | set(new_names)
+        resized = resized or {}
         tensors = {}
         with torch.no_grad():
             for name, param in unwrap_model(model).named_parameters():
                 cname = canonical_name(name)
                 if cname not in heads and (param.requires_grad or not trainable_only):
-                    tensors[cname] = param.detach().to(device=device or param.device, copy=True)
+                    value = param.detach()[: resized[cname]] if cname in resized else param.detach()
+                    tensors[cname] = value.to(device=device or param.device, copy=True)
         base = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", None) or None
         name = base or type(model).__name__
         return cls(tensors, source or f"snapshot of {name} when SPTrainer was built", sorted(heads), base)
@@ -61,50 +64,60 @@ class Reference:
                         new_names: Iterable[str] = ()) -> Reference:
         """Load anchors from a checkpoint folder, weights file or Hub repo and check them against `model`.
 
-        Keys may carry the model's base prefix or not (timm files vs transformers files). Every trainable
-        non-head parameter must be present with the same shape; every parameter-like key of the file must exist
-        in the model; head tensors of another shape become new parameters (S-bar). `new_names` are new tensors
-        (e.g. a layer the source checkpoint lacks) treated like the head. Anchors keep the file's float dtype.
+        Keys may carry the model's base prefix or not (timm files vs transformers files), and are matched through
+        transformers' own renaming and conversion (`checkpoint_layout`): fused expert tensors are assembled from
+        the per-expert tensors, a tied tensor is found under any of its names. Every trainable non-head parameter
+        must be present with the same shape, or with fewer rows (a resized vocabulary: those rows are its anchor);
+        every parameter-like key of the file must belong to the model; head tensors of another shape become new
+        parameters (S-bar). `new_names` are new tensors (e.g. a layer the source checkpoint lacks) treated like the
+        head. Anchors keep the file's float dtype.
         """
         state = read_state_dict(path_or_repo, revision, what="sp_reference")
         inner = unwrap_model(model)
         prefix = base_prefix(inner)
+        state = {checkpoint_key(key, prefix): value for key, value in state.items()}
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
         heads = head_parameter_names(model, head_modules) | set(new_names)
-        keys = saved_keys(inner)  # the names checkpoints use (transformers may rename modules on load)
-        params = {keys[canonical_name(n)]: (canonical_name(n), p) for n, p in inner.named_parameters()}
         buffers = {checkpoint_key(n, prefix) for n, _ in inner.named_buffers()}
 
-        unexpected, wrong_shape, tensors, seen = [], [], {}, set()
-        for key, value in state.items():
-            key = checkpoint_key(key, prefix)
-            seen.add(key)
-            if key in buffers:
+        used, missing, wrong_shape, tensors, new = set(buffers), [], [], {}, []
+        for cname, layout in parameter_layouts(inner).items():
+            keys = {key for form in layout.forms for key in form}
+            label = next(iter(layout.forms[0])) if layout.forms and len(layout.forms[0]) == 1 else cname
+            used |= keys
+            form = layout.found_in(shapes)  # S is what the reference holds: a head of the same shape too
+            rows = None if form is not None or cname in heads else layout.resized_rows(shapes)
+            if form is None and rows is None and (cname in heads or not layout.parameter.requires_grad):
+                new.append(cname)
                 continue
-            if key not in params:
-                unexpected.append(key)
+            if form is not None:
+                value = layout.assemble(form, state)
+            elif rows is not None:
+                value = state[next(k for f in layout.forms for k in f if k in state)]
+            elif present := [shapes[k] for k in sorted(keys) if k in shapes]:
+                wrong_shape.append(f"{label}: reference {present[0] if len(present) == 1 else present} vs "
+                                   f"model {tuple(layout.parameter.shape)}")
                 continue
-            cname, param = params[key]
-            if tuple(value.shape) != tuple(param.shape):
-                if cname not in heads:
-                    wrong_shape.append(f"{key}: reference {tuple(value.shape)} vs model {tuple(param.shape)}")
+            else:
+                missing.append(label)
                 continue
             value = value.detach().to(device=device or "cpu")
-            tensors[cname] = value if value.is_floating_point() else value.to(param.dtype)
-        missing = [k for k, (c, p) in params.items() if p.requires_grad and c not in heads and k not in seen]
+            tensors[cname] = value if value.is_floating_point() else value.to(layout.parameter.dtype)
+        unexpected = sorted(set(state) - used)
         problems = []
         if unexpected:
             problems.append(f"keys not in the model: {first_few(unexpected)}")
         if missing:
             problems.append(f"model parameters missing from the reference: {first_few(missing)}")
         if wrong_shape:
-            problems.append(f"shape mismatches outside the head: {first_few(wrong_shape)}")
+            problems.append(f"shape mismatches outside the head: {first_few(sorted(wrong_shape))}")
         if problems:
             raise ConfigError(
                 f"sp_reference {path_or_repo!r} does not match {type(inner).__name__}: " + "; ".join(problems)
                 + ". Point sp_reference at the checkpoint this model was initialised from."
             )
         source = path_or_repo + (f"@{revision}" if revision else "")
-        return cls(tensors, source, sorted(c for c, _ in params.values() if c not in tensors), path_or_repo)
+        return cls(tensors, source, sorted(new), path_or_repo)
 
     def fingerprint(self) -> str:
         """SHA-256 over names, shapes and bytes of the anchors (to verify an anchor restored later)."""

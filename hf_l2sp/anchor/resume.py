@@ -7,6 +7,7 @@ being written (e.g. SIGKILL) and is never resumed from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,11 +20,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..loading.checkpoint_layout import ParameterLayout
 from ..loading.model_parts import checkpoint_key
 from ..loading.weights import weight_files
 from ..utils.errors import ConfigError, MissingFileError
 from ..utils.files import replacing, write_text_atomically
 from .fisher_io import FisherDiagonal, load_fisher
+from .parameters import anchored_rows
 from .reference import Reference
 
 logger = logging.getLogger(__name__)
@@ -94,11 +97,11 @@ def compare_anchors(stored: Reference, current: Reference) -> list[str]:
 
 
 def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, description: str,
-                     keys: dict[str, str], prefix: str) -> Reference:
+                     layouts: dict[str, ParameterLayout], prefix: str) -> Reference:
     """The anchor stored in `checkpoint`, checked against the one built now (`current`, whose new-tensor names it
     keeps). `fixed`: the anchor was given (sp_reference or a Reference), so a different stored anchor is an error.
     Otherwise the model must hold either w0 itself or the checkpoint's own weights (a model reloaded from it):
-    any other weights are another model, refused. `keys`: canonical name -> checkpoint key (`saved_keys`);
+    any other weights are another model, refused. `layouts`: how each parameter is saved (`parameter_layouts`);
     `prefix`: the model's base-model prefix, which checkpoint files may or may not carry."""
     if not Path(checkpoint).is_dir():
         raise MissingFileError(f"Checkpoint {checkpoint!r} does not exist.")
@@ -116,7 +119,7 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, d
             raise ConfigError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
                               f"({description}). Resuming must keep the anchor the run started "
                               "with; remove sp_reference or point it at the original checkpoint.")
-        if not holds_checkpoint_weights(checkpoint, current, keys, prefix):
+        if not holds_checkpoint_weights(checkpoint, current, layouts, prefix):
             raise ConfigError(f"Cannot resume from {checkpoint!r}: the model given now holds neither the run's "
                               "pretrained weights (its stored anchor w0) nor this checkpoint's weights: it is another "
                               "model of the same shape. Resume with the model the run started from.")
@@ -138,20 +141,27 @@ def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given
                           " differs from the one the run used (stored in the checkpoint).")
 
 
-def holds_checkpoint_weights(checkpoint: str, current: Reference, keys: dict[str, str], prefix: str) -> bool:
+def holds_checkpoint_weights(checkpoint: str, current: Reference, layouts: dict[str, ParameterLayout],
+                             prefix: str) -> bool:
     """True when every tensor of `current` (the model's weights at construction) equals the checkpoint's saved
-    weight of the same key. Read tensor by tensor from the safetensors files; False when there are none."""
+    weight: read through transformers' renaming and conversion (`layouts`, from `parameter_layouts`), tensor by
+    tensor from the safetensors files (a fused tensor from its pieces); False when there are none."""
     files = [f for f in weight_files(Path(checkpoint)) if f.suffix == ".safetensors"]
-    wanted = {keys.get(name, name): tensor for name, tensor in current.tensors.items()}
-    seen = set()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                ours = wanted.get(checkpoint_key(key, prefix))
-                if ours is None:
-                    continue
-                saved = handle.get_tensor(key)
-                if saved.shape != ours.shape or not torch.equal(saved.to(ours.dtype), ours.detach().cpu()):
-                    return False
-                seen.add(checkpoint_key(key, prefix))
-    return bool(files) and seen == set(wanted)
+    if not files:
+        return False
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(path), framework="pt", device="cpu")) for path in files]
+        where = {checkpoint_key(key, prefix): (handle, key) for handle in handles for key in handle.keys()}
+        shapes = {key: tuple(handle.get_slice(raw).get_shape()) for key, (handle, raw) in where.items()}
+        for name, ours in current.tensors.items():
+            layout = layouts.get(name)
+            form = layout.found_in(shapes) if layout is not None else None
+            if form is None:
+                return False
+            pieces = {key: where[key][0].get_tensor(where[key][1]) for key in form}
+            saved = layout.assemble(form, pieces)
+            if anchored_rows(ours, saved) not in (None, False):  # a resized tensor: its anchor is the first rows
+                saved = saved[: ours.shape[0]]
+            if saved.shape != ours.shape or not torch.equal(saved.to(ours.dtype), ours.detach().cpu()):
+                return False
+    return True

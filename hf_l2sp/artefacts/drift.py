@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..anchor.parameters import anchored_rows, rows_view
 from ..loading.model_parts import canonical_name, unwrap_model
 from ..loading.stages import block_modules, stage_modules
 
@@ -40,8 +41,10 @@ def compute_drift(model: nn.Module, reference: dict[str, Tensor], penalised: set
             if values is not None:
                 param = values.get(name)
             anchor = reference.get(name)
-            if param is None or anchor is None or tuple(anchor.shape) != tuple(param.shape):
+            rows = False if param is None or anchor is None else anchored_rows(anchor, param)
+            if rows is False:
                 continue
+            param = rows_view(param, rows)  # a resized tensor: its pretrained rows
             diff = param.detach().float().cpu() - anchor.detach().float().cpu()
             sq_dist, sq_ref = diff.square().sum().item(), anchor.float().square().sum().item()
             layers.append({"name": name, "stage": stage, "depth": depth, "numel": param.numel(),

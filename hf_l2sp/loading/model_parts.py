@@ -4,22 +4,11 @@ the task head that fine-tuning re-initialises, and the weight matrices the paper
 from __future__ import annotations
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer; imported by name so a rename fails loudly
 
 from ..utils.errors import ConfigError
 
 #: Path components that wrappers insert into parameter names (DDP, torch.compile, FSDP, activation checkpointing).
 WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-
-_FEATURE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                   nn.Linear, nn.Embedding, Conv1D)
-
-
-def _is_feature_layer(module: nn.Module) -> bool:
-    """A layer whose `weight` maps features: Linear, Conv*, Embedding (a linear map of one-hot tokens), and
-    transformers' `Conv1D` (GPT-2's linear layer, its weight stored transposed; no subclass of nn.Linear)."""
-    return isinstance(module, _FEATURE_LAYERS)
-
 
 def canonical_name(name: str) -> str:
     """Parameter name with wrapper components removed: 'module._orig_mod.fc.weight' -> 'fc.weight'.
@@ -83,19 +72,31 @@ def checkpoint_key(name: str, prefix: str) -> str:
 
 
 def feature_weight_names(model: nn.Module) -> set[str]:
-    """Canonical names of the weight matrix of every feature-mapping layer (`_is_feature_layer`): the set the paper
-    penalises (norm layers' scales and every bias are left free).
+    """Canonical names of the tensors `sp_include='weights'` penalises: every parameter that maps features.
 
-    Names are those `named_parameters()` reports, so a weight tied between two modules (GPT-2's token embedding and
-    its LM head) is found whichever module holds it first.
+    The rule is a property of the tensor, not a list of layer classes, so that no layer type falls silently free: a
+    tensor with two or more dimensions is a weight (a linear or convolution kernel, an embedding table, transformers'
+    transposed `Conv1D` weight, a mixture of experts' fused 3-D expert weights, a router, a positional table); one
+    with fewer is a per-channel scale or shift (biases, norm layers' affine parameters, layer scales), which the
+    paper's code leaves free. A parametrized weight (`torch.nn.utils.parametrize`, e.g. wav2vec2's weight-normed
+    positional convolution) is penalised through its originals (`parametrizations.weight.original0/1`, its g and
+    v), which are the tensors the checkpoint stores and the optimizer steps.
     """
-    by_id = {id(p): canonical_name(n) for n, p in model.named_parameters()}
     names = set()
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if _is_feature_layer(module) and isinstance(weight, nn.Parameter) and id(weight) in by_id:
-            names.add(by_id[id(weight)])
+    for name, param in model.named_parameters():
+        if param.ndim >= 2 or _is_parametrization_original(name, model):
+            names.add(canonical_name(name))
     return names
+
+
+def _is_parametrization_original(name: str, model: nn.Module) -> bool:
+    """An original of a parametrized `weight` whose composed value is a weight (two or more dimensions)."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-3:-1] != ["parametrizations", "weight"]:
+        return False
+    owner = model.get_submodule(".".join(parts[:-3]))
+    weight = getattr(owner, "weight", None)
+    return weight is not None and weight.ndim >= 2
 
 
 def _timm_head_modules(timm_model: nn.Module) -> list[str]:
@@ -204,27 +205,3 @@ def model_task(model: nn.Module) -> str | None:
             if name == value or (isinstance(value, (tuple, list)) and name in value):
                 return task
     return None
-
-
-def saved_keys(model: nn.Module) -> dict[str, str]:
-    """Canonical parameter name -> the checkpoint key (`checkpoint_key` form) `save_pretrained` writes for it.
-
-    transformers 5 renames some modules between checkpoint and model (ViT's `encoder.layer` is `layers` in the
-    model) and renames back on save, through `revert_weight_conversion`: asking that same function keeps every
-    comparison with a checkpoint's key list in step with transformers. It is imported by name, so a rename there
-    fails loudly. Tensors it merges or splits (fused experts) keep their model name here.
-    """
-    import torch
-    from transformers import PreTrainedModel
-    from transformers.core_model_loading import revert_weight_conversion
-
-    inner = peft_base_model(model)
-    prefix = base_prefix(inner)
-    names = {canonical_name(n): torch.empty(p.shape, device="meta") for n, p in inner.named_parameters()}
-    keys = {name: checkpoint_key(name, prefix) for name in names}
-    if isinstance(inner, PreTrainedModel):
-        by_tensor = {id(t): name for name, t in names.items()}
-        for key, tensor in revert_weight_conversion(inner, dict(names)).items():
-            if id(tensor) in by_tensor:
-                keys[by_tensor[id(tensor)]] = checkpoint_key(key, prefix)
-    return keys

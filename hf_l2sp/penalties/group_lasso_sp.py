@@ -34,8 +34,9 @@ class GroupLassoSP(Regularizer):
         for p, a in zip(params, anchors):
             diff = (p.float() - a.float()).reshape(p.shape[0] if p.ndim else 1, -1)
             group_norms = torch.linalg.vector_norm(diff, dim=1)
-            total = total + math.sqrt(diff.shape[1]) * group_norms.sum()
-            sq_distance = sq_distance + group_norms.detach().square().sum()
+            # float64 across groups: an fp32 sum of 1e5+ group norms drifts (see kernels.CHUNK)
+            total = total + (math.sqrt(diff.shape[1]) * group_norms.double().sum()).float()
+            sq_distance = sq_distance + group_norms.detach().double().square().sum().float()
         return self.alpha * total, sq_distance
 
     def lora_penalty(self, terms: list[LoraTerm]) -> tuple[Tensor, Tensor]:

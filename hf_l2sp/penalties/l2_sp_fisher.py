@@ -52,7 +52,8 @@ class L2SPFisher(Regularizer):
         return cls(alpha=args.sp_alpha, beta=args.sp_beta, fisher=load_fisher(args.sp_fisher))
 
     def prepare(self, params: SPParameters) -> None:
-        full = self.fisher.aligned_to(params.anchored_keys, [p.shape for p in params.anchored],
+        shapes = [p.shape if rows is None else (rows, *p.shape[1:]) for p, _, rows in params.anchored_entries()]
+        full = self.fisher.aligned_to(params.anchored_keys, shapes,
                                       device=params.anchors[0].device if params.anchors else None)
         self._weights = [local_anchor(w, p) for w, p in zip(full, params.anchored)]  # FSDP2: this rank's shard
 

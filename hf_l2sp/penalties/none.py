@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 
 from ..anchor.adapters import lora_squared_distance
-from ..anchor.parameters import SPParameters, local_view
+from ..anchor.parameters import SPParameters
+from .kernels import sum_of_squares
 from .registry import register_regularizer
 from .weight import PenaltyTerms, Regularizer
 
@@ -24,9 +25,9 @@ class NoRegularizer(Regularizer):
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         with torch.no_grad():
             if params.anchored:
-                diffs = torch._foreach_sub([local_view(p).detach().float() for p in params.anchored],
+                diffs = torch._foreach_sub([p.detach().float() for p in params.anchored_views()],
                                            [a.float() for a in params.anchors])
-                distance = torch.stack(torch._foreach_norm(diffs)).square().sum().sqrt()
+                distance = sum_of_squares(diffs).sqrt()
             else:
                 distance = torch.zeros(())
             if params.lora:  # PEFT: the adapters' distance to the frozen base

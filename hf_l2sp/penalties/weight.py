@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from ..anchor.parameters import local_view
 from .base import Penalty, check_coefficient
 from .kernels import half_squared_distance
 
@@ -86,12 +85,12 @@ class Regularizer(Penalty):
 
     def __call__(self, params: SPParameters) -> PenaltyTerms:
         """Omega on this process's tensors (under FSDP2: on its shards; the parts then sum over ranks)."""
-        anchored, sq_distance = self.anchored_penalty([local_view(p) for p in params.anchored], params.anchors)
+        anchored, sq_distance = self.anchored_penalty(params.anchored_views(), params.anchors)
         if params.lora:  # PEFT: the adapters' distance to the frozen base, from the factors
             adapter_value, adapter_sq = self.lora_penalty(params.lora)
             anchored, sq_distance = anchored + adapter_value.to(anchored.device), sq_distance + adapter_sq.to(
                 sq_distance.device)
-        head_value, _ = half_squared_distance([local_view(p) for p in params.head])
+        head_value, _ = half_squared_distance(params.head_views())
         head = self.beta * head_value
         return PenaltyTerms(penalty=anchored + head, head_penalty=head.detach(), distance=sq_distance.sqrt())
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..anchor.parameters import SPParameters, local_view
 from ..penalties.weight import PenaltyTerms, QuadraticForm
-from ..penalties.kernels import sum_of_squares
+from ..penalties.kernels import sum_of_squares, weighted_sum_of_squares
 from ..utils.errors import ConfigError
 
 SP_MODES = ("loss", "grad", "decoupled")
@@ -44,9 +44,10 @@ class OptimizerSidePenalty:
         # step the scaler skipped (no pre-hook call) cannot leave the next one without its gradient.
         self._step_key = step_key or (lambda: None)
         self._added_at: object = _NEVER
-        self._anchored = {id(p): (p, a, w) for p, a, w in zip(
-            params.anchored, params.anchors, form.weights or [None] * len(params.anchored))}
-        self._head = {id(p): p for p in params.head}
+        # Each entry keeps the slice it penalises: a resized tensor's pretrained rows [:V] anchored, rows [V:] new.
+        self._anchored = {id(p): (p, a, w, slice(rows)) for (p, a, rows), w in zip(
+            params.anchored_entries(), form.weights or [None] * len(params.anchored))}
+        self._head = {id(p): (p, slice(start or None, None)) for p, start in params.head_entries()}
         self._groups: list[tuple] | None = None
 
     def attach(self, optimizer: torch.optim.Optimizer):
@@ -83,53 +84,57 @@ class OptimizerSidePenalty:
         anchored_value, head_value, sq_distance = [], [], []
         for group, anchored, head in self._groups:
             if anchored:
-                params = [local_view(p) for p, _, _ in anchored]
-                p32 = [p.detach().float() for p in params]
-                diffs = torch._foreach_sub(p32, [a.float() for _, a, _ in anchored])
+                params = [local_view(p) for p, _, _, _ in anchored]
+                slices = [rows for _, _, _, rows in anchored]
+                p32 = [p[rows].detach().float() for p, rows in zip(params, slices)]
+                diffs = torch._foreach_sub(p32, [a.float() for _, a, _, _ in anchored])
                 sq_distance.append(sum_of_squares(diffs))
                 if form.use_anchors:
                     pull = diffs
                 else:
                     pull = [t.clone() for t in p32]
                 if form.weights is not None:
-                    weighted = torch._foreach_mul(pull, [w for _, _, w in anchored])
-                    anchored_value.append(0.5 * form.coef * torch.stack(
-                        [torch.dot(x.flatten(), y.flatten()) for x, y in zip(weighted, pull)]).sum())
-                    pull = weighted
+                    weights = [w for _, _, w, _ in anchored]
+                    anchored_value.append(0.5 * form.coef * weighted_sum_of_squares(weights, pull))
+                    pull = torch._foreach_mul(pull, weights)
                 else:
                     anchored_value.append(0.5 * form.coef * (sum_of_squares(pull) if pull is not diffs
                                                              else sq_distance[-1]))
-                self._apply(group, params, pull, form.coef * scale)
+                self._apply(group, params, slices, pull, form.coef * scale)
             if head:
-                head = [local_view(p) for p in head]
-                pull = [p.detach().float().clone() for p in head]
+                params = [local_view(p) for p, _ in head]
+                slices = [rows for _, rows in head]
+                pull = [p[rows].detach().float().clone() for p, rows in zip(params, slices)]
                 head_value.append(0.5 * form.head_coef * sum_of_squares(pull))
-                self._apply(group, head, pull, form.head_coef * scale)
+                self._apply(group, params, slices, pull, form.head_coef * scale)
         if self.on_terms is not None:
             zero = torch.zeros(())
             head_total = sum(head_value, zero)
             self.on_terms(PenaltyTerms(penalty=sum(anchored_value, zero) + head_total, head_penalty=head_total,
                                        distance=sum(sq_distance, zero).sqrt()))
 
-    def _apply(self, group, params: list[Tensor], pull: list[Tensor], coef: float) -> None:
+    def _apply(self, group, params: list[Tensor], slices: list[slice], pull: list[Tensor], coef: float) -> None:
         if not coef:
             return
         if self.mode == "grad":
-            self._add_to_grad(params, pull, coef)
+            self._add_to_grad(params, slices, pull, coef)
         else:
             torch._foreach_mul_(pull, -group["lr"] * coef)
-            for p, d in zip(params, pull):
-                p.add_(d.to(p.dtype))
+            for p, rows, d in zip(params, slices, pull):
+                p[rows].add_(d.to(p.dtype))
 
     @staticmethod
-    def _add_to_grad(params: list[Tensor], pull: list[Tensor], coef: float) -> None:
+    def _add_to_grad(params: list[Tensor], slices: list[slice], pull: list[Tensor], coef: float) -> None:
+        whole = all(rows == slice(None) for rows in slices)
         grads = [p.grad for p in params]  # params are local views: under FSDP2 .grad is the local shard's
-        if all(g is not None and g.dtype == torch.float32 for g in grads):
+        if whole and all(g is not None and g.dtype == torch.float32 for g in grads):
             torch._foreach_add_(grads, pull, alpha=coef)  # one fused pass
             return
-        for p, g in zip(params, pull):
+        for p, rows, g in zip(params, slices, pull):
             update = (g * coef).to(p.dtype)
-            if p.grad is None:
+            if p.grad is None and rows == slice(None):
                 p.grad = update
-            else:
-                p.grad.add_(update)
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad[rows].add_(update)

@@ -30,14 +30,16 @@ from ..anchor.reference import Reference
 from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete
 from ..anchor.resume import save_anchor
 from ..loading.forward import loss_uses_num_items_in_batch
-from ..loading.model_parts import base_prefix, find_head_modules, parse_head_option, peft_base_model, saved_keys
+from ..loading.checkpoint_layout import parameter_layouts
+from ..loading.model_parts import base_prefix, find_head_modules, parse_head_option, peft_base_model
 from ..loading.model_parts import unwrap_model, validate_head_modules
-from ..loading.new_tensors import find_new_tensors
+from ..loading.new_tensors import find_new_tensors, resized_tensors
 from ..penalties import FeatureContext, PenaltyTerms, Regularizer
 from ..utils.errors import ConfigError, DivergedError
 from ..utils.hub import public_name
 from .compat import check_trainer_hooks, loss_comes_from_model
 from .config import SPArguments, SPConfig
+from .coverage import log_coverage
 from .optimizer_side import OptimizerSidePenalty
 from .state import OptimizerHook, PenaltyState
 from .topology import check_supported
@@ -123,6 +125,8 @@ class PenaltyMixin:
         """Anchor `model`: its w0 (snapshot, `sp_reference` or the given Reference), then the penalties on it."""
         head_modules = self._head_modules(model)
         adapters = self.sp.adapters = find_adapters(model, head_modules)
+        if adapters is not None:
+            adapters.anchor_pretrained_rows(resized_tensors(model, adapters.originals))
         new = self.sp.new_tensors = (find_new_tensors(model, head_modules) if adapters is None
                                      else adapters.new_tensors(model, head_modules))
         if self._given_reference is not None:
@@ -133,7 +137,7 @@ class PenaltyMixin:
                                                           new_names=new.names)
         else:
             self.sp.reference = Reference.snapshot(model, head_modules, self.args.device, new_names=new.names,
-                                                   trainable_only=adapters is not None)
+                                                   trainable_only=adapters is not None, resized=new.resized)
         if self.sp.reference.new_description is None:
             self.sp.reference.new_description = new.describe()
         if setup_penalties:
@@ -153,8 +157,7 @@ class PenaltyMixin:
                 feature.setup(model, context)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(self._sp_tags + [f"regularizer:{self.sp.spec.label}"])
-        logger.info("hf_l2sp: %s on %s; anchor: %s; new: %s", self.sp.regularizer, sets.summary(),
-                    self.sp.reference.source, self.sp.new_tensors.describe() if self.sp.new_tensors else "-")
+        log_coverage(model, sets, self.sp, self.args.sp_include)
 
     def _head_modules(self, model: nn.Module) -> list[str]:
         head_modules = parse_head_option(self.args.sp_head)
@@ -363,7 +366,7 @@ class PenaltyMixin:
     def _restore_anchor(self, checkpoint: str) -> None:
         fixed = bool(self.args.sp_reference) or self._given_reference is not None
         stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description(),
-                                  saved_keys(self.model), base_prefix(self.model))
+                                  parameter_layouts(self.model), base_prefix(self.model))
         check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
         self.sp.reference = stored
         self.refresh_sp_parameters()
