@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..loading.checkpoint_layout import parameter_layouts
+from ..loading.checkpoint_layout import buffer_keys, parameter_layouts
 from ..loading.model_parts import base_prefix, canonical_name, checkpoint_key, head_parameter_names, unwrap_model
 from ..loading.weights import read_state_dict
 from ..utils.errors import ConfigError
 from ..utils.text import first_few
 from .parameters import is_sharded, local_view
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,8 +71,8 @@ class Reference:
         transformers' own renaming and conversion (`checkpoint_layout`): fused expert tensors are assembled from
         the per-expert tensors, a tied tensor is found under any of its names. Every trainable non-head parameter
         must be present with the same shape, or with fewer rows (a resized vocabulary: those rows are its anchor);
-        every parameter-like key of the file must belong to the model; head tensors of another shape become new
-        parameters (S-bar). `new_names` are new tensors (e.g. a layer the source checkpoint lacks) treated like the
+        keys of the file that the model has no place for (a base model's pooler) are skipped, as `from_pretrained`
+        skips them, once every other check passes; head tensors of another shape become new parameters (S-bar). `new_names` are new tensors (e.g. a layer the source checkpoint lacks) treated like the
         head. Anchors keep the file's float dtype.
         """
         state = read_state_dict(path_or_repo, revision, what="sp_reference")
@@ -78,7 +81,7 @@ class Reference:
         state = {checkpoint_key(key, prefix): value for key, value in state.items()}
         shapes = {key: tuple(value.shape) for key, value in state.items()}
         heads = head_parameter_names(model, head_modules) | set(new_names)
-        buffers = {checkpoint_key(n, prefix) for n, _ in inner.named_buffers()}
+        buffers = buffer_keys(inner)
 
         used, missing, wrong_shape, tensors, new = set(buffers), [], [], {}, []
         for cname, layout in parameter_layouts(inner).items():
@@ -105,8 +108,11 @@ class Reference:
             tensors[cname] = value if value.is_floating_point() else value.to(layout.parameter.dtype)
         unexpected = sorted(set(state) - used)
         problems = []
-        if unexpected:
+        if unexpected and (missing or wrong_shape or not tensors):
             problems.append(f"keys not in the model: {first_few(unexpected)}")
+        elif unexpected:  # a base checkpoint's parts the task model drops (a pooler): transformers skips them too
+            logger.info("hf_l2sp: sp_reference %s holds tensors %s has no place for (skipped, as "
+                        "from_pretrained does): %s", path_or_repo, type(inner).__name__, first_few(unexpected))
         if missing:
             problems.append(f"model parameters missing from the reference: {first_few(missing)}")
         if wrong_shape:

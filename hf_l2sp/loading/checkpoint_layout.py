@@ -18,6 +18,7 @@ the model tensor it holds, which inverts any split, stack, concatenation or tran
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,9 @@ class ParameterLayout:
     forms: list[Shapes] = field(default_factory=list)
     converted: bool = False
     model: nn.Module | None = field(default=None, repr=False)  # whose conversion `assemble` reverts
+    #: The parameters transformers converts together with this one (q, k, v saved as one fused qkv tensor):
+    #: (name, shape) of each, in order, this one included; empty when it is converted alone.
+    group: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
 
     def found_in(self, shapes: Shapes) -> Shapes | None:
         """The first form whose every key `shapes` holds with the same shape."""
@@ -65,15 +69,29 @@ class ParameterLayout:
         if not self.converted:
             ((key,),) = (tuple(form),)
             return state[key]
+        members = self.group or [(self.aliases[0], tuple(self.parameter.shape))]
+        indices, offset, start = {}, 0, 0
+        total = sum(math.prod(shape) for _, shape in members)
+        for name, shape in members:
+            if name == self.aliases[0]:
+                start = offset
+            numel = math.prod(shape)
+            indices[name] = torch.arange(offset, offset + numel, dtype=torch.int64).view(shape)
+            offset += numel
+        if total < 2 ** 31:
+            indices = {name: index.int() for name, index in indices.items()}
         numel = self.parameter.numel()
-        index = torch.arange(numel, dtype=torch.int32 if numel < 2 ** 31 else torch.int64)
-        pieces = _revert(self.model, {self.aliases[0]: index.view(self.parameter.shape)})
         value = torch.empty(numel, dtype=state[next(iter(form))].dtype)
         covered = torch.zeros(numel, dtype=torch.bool)
         prefix = base_prefix(self.model)
-        for key, piece in pieces.items():
-            value[piece.reshape(-1).long()] = state[checkpoint_key(key, prefix)].reshape(-1).to(value.dtype)
-            covered[piece.reshape(-1).long()] = True
+        for key, piece in _revert(self.model, indices).items():
+            key = checkpoint_key(key, prefix)
+            if key not in form:
+                continue
+            piece = piece.reshape(-1).long() - start
+            mine = (piece >= 0) & (piece < numel)  # the elements of this parameter among the group's
+            value[piece[mine]] = state[key].reshape(-1)[mine].to(value.dtype)
+            covered[piece[mine]] = True
         if not bool(covered.all()):
             raise RuntimeError(f"the checkpoint tensors {sorted(form)} do not cover {self.name}: transformers' "
                                "conversion for it is not a rearrangement of elements.")
@@ -102,14 +120,39 @@ def parameter_layouts(model: nn.Module) -> dict[str, ParameterLayout]:
         if id(tensor) in by_tensor:  # passed through unchanged: a 1:1 name
             forms[by_tensor[id(tensor)]] = {checkpoint_key(key, prefix): tuple(tensor.shape)}
     converted = [name for name in metas if name not in forms]
+    joint = {checkpoint_key(k, prefix): tuple(t.shape) for k, t in saved.items() if id(t) not in by_tensor}
     for name in converted:
         pieces = _revert(inner, {name: metas[name]})
-        forms[name] = {checkpoint_key(k, prefix): tuple(t.shape) for k, t in pieces.items()}
+        # A tensor converted together with others (q, k, v -> one fused qkv) gets the fused key's real shape.
+        forms[name] = {(key := checkpoint_key(k, prefix)): joint.get(key, tuple(t.shape)) for k, t in pieces.items()}
         owner[name].converted = True
+    _group_shared_keys(converted, forms, owner, metas)
     for name, layout in owner.items():
         if forms.get(name):
             layout.forms.append(forms[name])
     return {layout.name: layout for layout in layouts.values()}
+
+
+def _group_shared_keys(converted: list[str], forms: dict[str, Shapes], owner: dict[str, ParameterLayout],
+                       metas: dict[str, Tensor]) -> None:
+    """Parameters whose forms share a checkpoint key are converted together: record the group on each."""
+    by_key: dict[str, list[str]] = {}
+    for name in converted:
+        for key in forms[name]:
+            by_key.setdefault(key, []).append(name)
+    for name in converted:
+        members = sorted({m for key in forms[name] for m in by_key[key]}, key=converted.index)
+        if len(members) > 1:
+            owner[name].group = [(m, tuple(metas[m].shape)) for m in members]
+
+
+def buffer_keys(model: nn.Module) -> set[str]:
+    """The checkpoint keys (`checkpoint_key` form) `save_pretrained` writes for the model's buffers."""
+    inner = peft_base_model(model)
+    prefix = base_prefix(inner)
+    metas = {canonical_name(n): torch.empty(b.shape, device="meta") for n, b in inner.named_buffers()}
+    return {checkpoint_key(key, prefix) for key in _revert(inner, metas)} | {
+        checkpoint_key(name, prefix) for name in metas}
 
 
 def _revert(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
