@@ -55,6 +55,8 @@ def tiny_config(model_type: str):
 
     config = CONFIG_MAPPING[model_type]()
     _shrink(config)
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id or 0  # T5's default config leaves it unset
     return config
 
 
@@ -177,11 +179,12 @@ def check_pair(pair: Pair, alpha: float = 0.3, beta: float = 0.7) -> list[str]:
             p.add_(0.01 * torch.randn_like(p))
     sets = resolve_parameters(model, snapshot.tensors, "all")
     terms = L2SP(alpha=alpha, beta=beta)(sets)
+    value = float(terms.penalty.detach())
     closed = sum(alpha / 2 * (p.detach().double() - start[n]).square().sum() for n, p in trainable.items()
                  if n not in expected_new) + sum(beta / 2 * p.detach().double().square().sum()
                                                  for n, p in trainable.items() if n in expected_new)
-    if abs(float(terms.penalty) - float(closed)) > 1e-6 * max(float(closed), 1e-12):
-        problems.append(f"penalty {float(terms.penalty):.9g} vs closed form {float(closed):.9g}")
+    if abs(value - float(closed)) > 1e-6 * max(float(closed), 1e-12):
+        problems.append(f"penalty {value:.9g} vs closed form {float(closed):.9g}")
     for p in trainable.values():
         p.grad = None
     terms.penalty.backward()
@@ -191,3 +194,27 @@ def check_pair(pair: Pair, alpha: float = 0.3, beta: float = 0.7) -> list[str]:
             problems.append(f"gradient of {n} is not the closed form")
             break
     return problems
+
+
+def training_rows(pair: Pair, n: int = 2) -> list[dict]:
+    """`n` rows of inputs and labels the task model trains on (token ids, pixels or a waveform)."""
+    config = pair.model.config
+    gen = torch.Generator().manual_seed(0)
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 64)
+    ids = torch.randint(4, min(vocab, 60), (n, 8), generator=gen)
+    labels = torch.randint(0, getattr(config, "num_labels", 2), (n,), generator=gen)
+    if pair.task in ("causal-lm", "masked-lm", "seq2seq-lm"):
+        return [{"input_ids": row, "labels": row} for row in ids]
+    if pair.task == "token-classification":
+        return [{"input_ids": row, "labels": row % config.num_labels} for row in ids]
+    if pair.task == "sequence-classification":
+        return [{"input_ids": row, "labels": label} for row, label in zip(ids, labels)]
+    if pair.task == "image-classification":
+        vision = getattr(config, "vision_config", config)
+        size, channels = vision.image_size, vision.num_channels
+        size = size if isinstance(size, int) else size[0]
+        return [{"pixel_values": torch.randn(channels, size, size, generator=gen), "labels": label}
+                for label in labels]
+    if pair.task == "audio-classification":
+        return [{"input_values": torch.randn(4000, generator=gen), "labels": label} for label in labels]
+    raise ValueError(pair.task)
