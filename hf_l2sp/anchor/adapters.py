@@ -63,6 +63,33 @@ class LoraTerm:
 
 
 @dataclass
+class ExpertLoraTerm(LoraTerm):
+    """LoRA on a mixture of experts' fused 3-D weight (PEFT's `ParamWrapper`, `target_parameters`): one low-rank
+    update per expert, W_e - W0_e = s B_e A_e."""
+
+    module: nn.Module | None = None
+    adapter: str = ""
+
+    def expert_factors(self) -> tuple[Tensor, Tensor]:
+        """(B_e, A_e) for every expert in fp32, (experts, out, r) and (experts, r, in), as PEFT's
+        `get_delta_factors` lays out lora_B (out, r * experts) and lora_A (r * experts, in). Which side PEFT
+        transposes for the stored layout does not change the Frobenius norm."""
+        experts = self.module.num_experts
+        a = self.lora_A.float().reshape(experts, -1, self.lora_A.shape[-1])
+        b = self.lora_B.float().reshape(self.lora_B.shape[0], -1, experts).permute(2, 0, 1)
+        return b, a
+
+    def squared_distance(self) -> Tensor:
+        """sum_e ||s B_e A_e||_F^2 = s^2 sum_e sum((B_e^T B_e) * (A_e A_e^T)), differentiable; B A never formed."""
+        b, a = self.expert_factors()
+        return self.scaling ** 2 * ((b.transpose(-2, -1) @ b) * (a @ a.transpose(-2, -1))).sum()
+
+    def row_squared_norms(self) -> Tensor:
+        raise ConfigError(f"group_lasso_sp on LoRA of fused expert weights ({self.name}) is not supported: its groups "
+                          "would be the per-expert output rows. Use l2_sp on these adapters.")
+
+
+@dataclass
 class AdapterPlan:
     """What a PEFT model trains besides plain tensors: LoRA terms, and `modules_to_save` copies (canonical name ->
     the frozen original parameter that anchors it; head copies are absent: they are new)."""
@@ -103,6 +130,7 @@ def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | No
         return None
     base = peft_base_model(model)
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -111,6 +139,10 @@ def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | No
         name = canonical_name(module_name)
         if isinstance(module, ModulesToSaveWrapper):
             _add_copies(plan, name, module, head_modules)
+        elif isinstance(module, ParamWrapper):  # LoRA on a fused expert parameter (target_parameters)
+            plan.lora_parameter_names += [canonical_name(f"{module_name}.{n}") for n, _ in
+                                          module.named_parameters() if "lora_" in n]
+            plan.lora += _expert_terms(name, module)
         elif isinstance(module, LoraLayer):
             plan.lora_parameter_names += [canonical_name(f"{module_name}.{n}") for n, _ in
                                           module.named_parameters() if "lora_" in n]
@@ -140,6 +172,19 @@ def _lora_terms(name: str, module) -> list[LoraTerm]:
         if lora_a.requires_grad or lora_b.requires_grad:
             terms.append(LoraTerm(name, lora_a, lora_b, float(module.scaling[adapter]),
                                   module.get_base_layer().weight, bool(getattr(module, "fan_in_fan_out", False))))
+    return terms
+
+
+def _expert_terms(name: str, module) -> list[LoraTerm]:
+    terms = []
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        if lora_a.requires_grad or lora_b.requires_grad:
+            terms.append(ExpertLoraTerm(f"{name}.{module.parameter_name}", lora_a, lora_b,
+                                        float(module.scaling[adapter]), module.get_param(), module=module,
+                                        adapter=adapter))
     return terms
 
 

@@ -86,7 +86,8 @@ class SPParameters:
         """Shares of the trainable values: anchored (alpha; LoRA factors, measured against their frozen base,
         count here), new (beta) and free (neither: left out by `sp_include`)."""
         total = self.trainable_values
-        anchored = sum(rows_numel(p, rows) for p, rows in zip(self.anchored, self._rows())) + sum(t.lora_A.numel() + t.lora_B.numel() for t in self.lora)
+        anchored = sum(rows_numel(p, rows) for p, rows in zip(self.anchored, self._rows()))
+        anchored += sum(t.lora_A.numel() + t.lora_B.numel() for t in self.lora)
         new = sum(p.numel() - rows_numel(p, start or None) if start else p.numel()
                   for p, start in self.head_entries())
         if not total:
@@ -232,6 +233,16 @@ def check_something_is_anchored(model: nn.Module, sets: SPParameters, regularize
                           "Use sp_include='all' to anchor every trainable tensor, or check sp_head.")
     warnings.warn(f"{message}: every trainable tensor is new, so alpha acts on nothing and only beta's L2 on the "
                   "new tensors remains.", UserWarning, stacklevel=3)
+
+
+def check_groups_defined(sets: SPParameters, regularizer, converted: list[str]) -> None:
+    """A penalty over output-channel groups is exact only where a tensor's rows are one checkpoint tensor's rows:
+    refuse it on tensors transformers fuses on load (a mixture of experts' 3-D experts, a fused qkv)."""
+    fused = sorted(set(converted) & set(sets.anchored_names))
+    if getattr(regularizer, "groups_rows", False) and fused:
+        raise ConfigError(f"regularizer {regularizer.name!r} groups each tensor by output channel, but "
+                          f"{first_few(fused)} are fused by transformers from several checkpoint tensors (experts), "
+                          "whose channels are not the fused tensor's rows. Use l2_sp or l1_sp on this model.")
 
 
 def check_adapters_supported(sets: SPParameters, regularizer, features, sp_mode: str) -> None:

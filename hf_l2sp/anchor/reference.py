@@ -72,7 +72,8 @@ class Reference:
         the per-expert tensors, a tied tensor is found under any of its names. Every trainable non-head parameter
         must be present with the same shape, or with fewer rows (a resized vocabulary: those rows are its anchor);
         keys of the file that the model has no place for (a base model's pooler) are skipped, as `from_pretrained`
-        skips them, once every other check passes; head tensors of another shape become new parameters (S-bar). `new_names` are new tensors (e.g. a layer the source checkpoint lacks) treated like the
+        skips them, once every other check passes; head tensors of another shape become new parameters (S-bar).
+        `new_names` are new tensors (e.g. a layer the source checkpoint lacks) treated like the
         head. Anchors keep the file's float dtype.
         """
         state = read_state_dict(path_or_repo, revision, what="sp_reference")

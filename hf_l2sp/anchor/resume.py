@@ -26,7 +26,7 @@ from ..loading.weights import weight_files
 from ..utils.errors import ConfigError, MissingFileError
 from ..utils.files import replacing, write_text_atomically
 from .fisher_io import FisherDiagonal, load_fisher
-from .parameters import anchored_rows
+from .parameters import anchored_rows, is_sharded
 from .reference import Reference
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,38 @@ def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given
             not torch.equal(saved.tensors[k], fisher.tensors[k].cpu()) for k in saved.tensors):
         raise ConfigError(f"Cannot resume from {checkpoint!r}: the Fisher diagonal given now ({given})"
                           " differs from the one the run used (stored in the checkpoint).")
+
+
+def restore_converted_weights(checkpoint: str, model, prefix: str) -> list[str]:
+    """Load into `model` the tensors transformers renames or converts on load (a mixture of experts' fused experts
+    and its renamed router) from a checkpoint's safetensors files, through the same conversion. transformers'
+    Trainer resumes weights with a plain `load_state_dict` under the saved names, which leaves these tensors as they
+    were (it warns "missing keys"). Returns the names restored; FSDP2 shards and other formats are left to Trainer."""
+    from ..loading.checkpoint_layout import parameter_layouts
+
+    layouts = {n: layout for n, layout in parameter_layouts(model).items()
+               if layout.converted or any(checkpoint_key(n, prefix) not in form for form in layout.forms)}
+    files = [f for f in weight_files(Path(checkpoint)) if f.suffix == ".safetensors"]
+    if not layouts or not files or any(is_sharded(layout.parameter) for layout in layouts.values()):
+        return []
+    restored = []
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(path), framework="pt", device="cpu")) for path in files]
+        where = {checkpoint_key(key, prefix): (handle, key) for handle in handles for key in handle.keys()}
+        shapes = {key: tuple(handle.get_slice(raw).get_shape()) for key, (handle, raw) in where.items()}
+        with torch.no_grad():
+            for name, layout in layouts.items():
+                form = layout.found_in(shapes)
+                if form is None:
+                    continue
+                pieces = {key: where[key][0].get_tensor(where[key][1]) for key in form}
+                layout.parameter.copy_(layout.assemble(form, pieces))
+                restored.append(name)
+    if restored:
+        logger.warning("hf_l2sp: restored %d tensors that transformers renames or fuses on load (%s, ...) from %s; "
+                       "Trainer's 'missing keys' message above is about these.", len(restored), restored[0],
+                       checkpoint)
+    return restored
 
 
 def holds_checkpoint_weights(checkpoint: str, current: Reference, layouts: dict[str, ParameterLayout],

@@ -51,6 +51,8 @@ class NewTensors:
     resized: dict[str, int] = field(default_factory=dict)
     #: Tensors with pretrained values that are treated as new all the same (the task head, when it was saved).
     pretrained_but_new: list[str] = field(default_factory=list)
+    #: Tensors transformers builds from other checkpoint tensors on load (fused experts, fused qkv).
+    converted: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         head = ", ".join(self.head_modules) or "none"
@@ -97,7 +99,8 @@ def find_new_tensors(model: nn.Module, head_modules: list[str]) -> NewTensors:
         return NewTensors(sorted(head), head_modules)
     saved_head = sorted(name for name in head if name in layouts and name not in absent)
     return NewTensors(sorted(head | set(absent)), head_modules, absent, source, resized=resized,
-                      pretrained_but_new=saved_head)
+                      pretrained_but_new=saved_head,
+                      converted=sorted(name for name, layout in layouts.items() if layout.converted))
 
 
 def resized_tensors(model: nn.Module, names) -> dict[str, int]:

@@ -27,6 +27,8 @@ class GroupLassoSP(Regularizer):
     formula = "Omega(w) = alpha * sum_g sqrt(p_g) * ||w_g - w0_g||_2 + beta/2 * ||w_new||^2, g = output channels"
     search_grid = (1e-3, 1e-2, 1e-1)
     supports_adapters = True
+    #: Its groups are rows of the stored tensor: undefined on a tensor transformers fused from several.
+    groups_rows = True
 
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
         total = torch.zeros((), dtype=torch.float32, device=anchors[0].device if anchors else None)

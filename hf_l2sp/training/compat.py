@@ -24,6 +24,7 @@ TRAINER_HOOKS = {
     "_remove_unused_columns": "datasets with a transform keep their columns there",
     "_get_output_dir": "names the checkpoint folder the anchor goes into",
     "loss_is_scaled_for_ga": "says whether Trainer divides the loss by the accumulation steps",
+    "_load_from_checkpoint": "fused expert tensors, which Trainer does not map back on resume, are restored there",
 }
 #: Parameters the overrides pass on.
 TRAINER_PARAMETERS = {"compute_loss": "num_items_in_batch", "save_model": "_internal_call",

@@ -11,32 +11,28 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..anchor.adapters import find_adapters
 from ..anchor.parameters import (
     SPParameters,
     check_adapters_supported,
+    check_groups_defined,
     check_something_is_anchored,
     fsdp_unsharded_now,
     resolve_parameters,
 )
 from ..anchor.reference import Reference
-from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete
-from ..anchor.resume import save_anchor
 from ..loading.forward import loss_uses_num_items_in_batch
-from ..loading.checkpoint_layout import parameter_layouts
-from ..loading.model_parts import base_prefix, find_head_modules, parse_head_option, peft_base_model
+from ..loading.model_parts import find_head_modules, parse_head_option, peft_base_model
 from ..loading.model_parts import unwrap_model, validate_head_modules
 from ..loading.new_tensors import find_new_tensors, resized_tensors
 from ..penalties import FeatureContext, PenaltyTerms, Regularizer
-from ..utils.errors import ConfigError, DivergedError
+from ..utils.errors import DivergedError
 from ..utils.hub import public_name
+from .checkpoints import CheckpointMixin
 from .compat import check_trainer_hooks, loss_comes_from_model
 from .config import SPArguments, SPConfig
 from .coverage import log_coverage
@@ -47,7 +43,7 @@ from .topology import check_supported
 logger = logging.getLogger(__name__)
 
 
-class PenaltyMixin:
+class PenaltyMixin(CheckpointMixin):
     """The training side of `SPMixin` / `SPTrainer` (use those): anchoring, Omega in the loss or the optimizer step,
     the `sp/*` logs, and checkpoints that resume without re-anchoring. Mixed in before a `transformers.Trainer`
     (or any subclass, e.g. TRL's): every override calls `super()`. Takes `regularizer=` (a ready `Regularizer`) and
@@ -149,6 +145,7 @@ class PenaltyMixin:
         sets = self.sp_parameters(model)
         check_adapters_supported(sets, self.sp.regularizer, self.sp.features, self.args.sp_mode)
         check_something_is_anchored(model, sets, self.sp.regularizer, self.sp.spec, self.args.sp_include)
+        check_groups_defined(sets, self.sp.regularizer, self.sp.new_tensors.converted if self.sp.new_tensors else [])
         if self.sp.features:
             context = FeatureContext(anchors=self.sp.reference.tensors, head_names=self.sp.reference.head_names,
                                      head_modules=self._head_modules(model), device=self.args.device,
@@ -338,50 +335,9 @@ class PenaltyMixin:
             logs["train_loss"] += self.sp.side_penalty_total / max(self.sp.side_penalty_steps, 1)
         super().log(logs, start_time)
 
-    def _save_checkpoint(self, model, trial):
-        self._check_penalty_finite()
-        result = super()._save_checkpoint(model, trial)
-        anchors = self.sp.reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
-        if self.args.should_save:  # after weights, optimizer, scheduler, RNG and state: the anchor, then the marker
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_anchor(self.sp.reference, folder, anchors)
-            self.save_feature_state(folder)
-            mark_complete(folder, self.state.global_step)
-        return result
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """`Trainer.train`, resuming only from completely written checkpoints and restoring their anchor."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ConfigError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no completely "
-                                  "written checkpoint-N folder.")
-        if resume_from_checkpoint:
-            self._restore_anchor(str(resume_from_checkpoint))
-        self.sp.side_penalty_total, self.sp.side_penalty_steps = 0.0, 0
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
-        # sp_mode 'grad'/'decoupled': the final train_loss was logged with Omega added (log); return the same.
-        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
-
-    def _restore_anchor(self, checkpoint: str) -> None:
-        fixed = bool(self.args.sp_reference) or self._given_reference is not None
-        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description(),
-                                  parameter_layouts(self.model), base_prefix(self.model))
-        check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
-        self.sp.reference = stored
-        self.refresh_sp_parameters()
-        for feature in self.sp.features:  # e.g. DELTA's channel attention: the run's, not a recomputed one
-            feature.load_state(checkpoint)
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         self._check_penalty_finite()
         return super().save_model(output_dir, _internal_call)
-
-    def save_feature_state(self, folder: str | Path) -> None:
-        """What the feature penalties need to resume or to be reused (e.g. DELTA's channel attention)."""
-        for feature in self.sp.features:
-            for name, tensors in feature.state_files().items():
-                save_file(tensors, str(Path(folder) / name))
 
     def _anchor_description(self) -> str:
         if self.args.sp_reference:

@@ -1,0 +1,72 @@
+"""Checkpoints of an SP run: what each one stores beside Trainer's files, and how a run resumes from one.
+
+A checkpoint gets the anchor w0, the feature penalties' state and, written last, a completion marker; resuming restores
+the stored anchor (never re-anchoring on the fine-tuned weights) and the weights Trainer's own loading leaves out (the
+tensors transformers renames or fuses on load). Mixed into `PenaltyMixin`, whose state (`self.sp`) it reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete
+from ..anchor.resume import restore_converted_weights, save_anchor
+from ..loading.checkpoint_layout import parameter_layouts
+from ..loading.model_parts import base_prefix
+from ..utils.errors import ConfigError
+
+
+class CheckpointMixin:
+    """The checkpoint side of `PenaltyMixin` (use `SPTrainer` / `SPMixin`)."""
+
+    def _save_checkpoint(self, model, trial):
+        self._check_penalty_finite()
+        result = super()._save_checkpoint(model, trial)
+        anchors = self.sp.reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
+        if self.args.should_save:  # after weights, optimizer, scheduler, RNG and state: the anchor, then the marker
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_anchor(self.sp.reference, folder, anchors)
+            self.save_feature_state(folder)
+            mark_complete(folder, self.state.global_step)
+        return result
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, resuming only from completely written checkpoints and restoring their anchor."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ConfigError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no completely "
+                                  "written checkpoint-N folder.")
+        if resume_from_checkpoint:
+            self._restore_anchor(str(resume_from_checkpoint))
+        self.sp.side_penalty_total, self.sp.side_penalty_steps = 0.0, 0
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # sp_mode 'grad'/'decoupled': the final train_loss was logged with Omega added (log); return the same.
+        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Trainer's weight loading, then the fused tensors it leaves out (`restore_converted_weights`)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model if model is not None else self.model
+        restore_converted_weights(resume_from_checkpoint, model, base_prefix(model))
+
+    def _restore_anchor(self, checkpoint: str) -> None:
+        fixed = bool(self.args.sp_reference) or self._given_reference is not None
+        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description(),
+                                  parameter_layouts(self.model), base_prefix(self.model))
+        check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
+        self.sp.reference = stored
+        self.refresh_sp_parameters()
+        for feature in self.sp.features:  # e.g. DELTA's channel attention: the run's, not a recomputed one
+            feature.load_state(checkpoint)
+
+    def save_feature_state(self, folder: str | Path) -> None:
+        """What the feature penalties need to resume or to be reused (e.g. DELTA's channel attention)."""
+        for feature in self.sp.features:
+            for name, tensors in feature.state_files().items():
+                save_file(tensors, str(Path(folder) / name))
+
