@@ -124,8 +124,9 @@ class AdapterPlan:
         return NewTensors(names, head_modules, note=note, resized=dict(self.resized))
 
 
-def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | None:
-    """The adapter plan of a PEFT model (None for any other model); refuses what it cannot penalise exactly."""
+def find_adapters(model: nn.Module, head_modules: list[str], strict: bool = True) -> AdapterPlan | None:
+    """The adapter plan of a PEFT model (None for any other model); refuses what it cannot penalise exactly, unless
+    not `strict` (no penalty acts): such adapters are then only left out of the distance log."""
     if not is_peft_model(model):
         return None
     base = peft_base_model(model)
@@ -146,8 +147,8 @@ def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | No
         elif isinstance(module, LoraLayer):
             plan.lora_parameter_names += [canonical_name(f"{module_name}.{n}") for n, _ in
                                           module.named_parameters() if "lora_" in n]
-            plan.lora += _lora_terms(name, module)
-        elif isinstance(module, BaseTunerLayer) and any(
+            plan.lora += _lora_terms(name, module, strict)
+        elif strict and isinstance(module, BaseTunerLayer) and any(
                 p.requires_grad for n, p in module.named_parameters() if not n.startswith("base_layer.")):
             kind = type(module).__module__.removeprefix("peft.tuners.").split(".")[0].upper()
             raise ConfigError(f"{kind} adapters ({type(module).__name__} at {name}) are not supported by the SP "
@@ -156,9 +157,12 @@ def find_adapters(model: nn.Module, head_modules: list[str]) -> AdapterPlan | No
     return plan
 
 
-def _lora_terms(name: str, module) -> list[LoraTerm]:
+def _lora_terms(name: str, module, strict: bool = True) -> list[LoraTerm]:
     terms = []
     for adapter in module.active_adapters:
+        unsupported = adapter in getattr(module, "lora_embedding_A", {}) or module.use_dora.get(adapter, False)
+        if unsupported and not strict:
+            continue
         if adapter in getattr(module, "lora_embedding_A", {}):
             raise ConfigError(f"LoRA on an embedding ({name}) is not supported by the SP penalties yet; leave "
                               "embeddings out of target_modules.")

@@ -222,7 +222,7 @@ def full_values(model: nn.Module) -> dict[str, Tensor]:
 def check_something_is_anchored(model: nn.Module, sets: SPParameters, regularizer, spec, include: str) -> None:
     """A weight penalty with alpha > 0 that anchors no tensor would silently become an L2 on the new tensors alone:
     refuse when trainable tensors are left out, warn when every trainable tensor is new."""
-    if not getattr(regularizer, "alpha", 0.0) or sets.anchored or sets.lora or not spec.weight_named:
+    if not regularizer.active or not regularizer.alpha or sets.anchored or sets.lora or not spec.weight_named:
         return
     new = set(sets.head_names)
     free = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad and canonical_name(n) not in new]
@@ -239,7 +239,7 @@ def check_groups_defined(sets: SPParameters, regularizer, converted: list[str]) 
     """A penalty over output-channel groups is exact only where a tensor's rows are one checkpoint tensor's rows:
     refuse it on tensors transformers fuses on load (a mixture of experts' 3-D experts, a fused qkv)."""
     fused = sorted(set(converted) & set(sets.anchored_names))
-    if getattr(regularizer, "groups_rows", False) and fused:
+    if getattr(regularizer, "groups_rows", False) and regularizer.active and fused:
         raise ConfigError(f"regularizer {regularizer.name!r} groups each tensor by output channel, but "
                           f"{first_few(fused)} are fused by transformers from several checkpoint tensors (experts), "
                           "whose channels are not the fused tensor's rows. Use l2_sp or l1_sp on this model.")
@@ -247,7 +247,7 @@ def check_groups_defined(sets: SPParameters, regularizer, converted: list[str]) 
 
 def check_adapters_supported(sets: SPParameters, regularizer, features, sp_mode: str) -> None:
     """LoRA adapters get only what is exact on their factors: refuse the rest, naming what would work."""
-    if not sets.lora:
+    if not sets.lora or not regularizer.active:
         return
     if not regularizer.supports_adapters:
         raise ConfigError(f"regularizer {regularizer.name!r} has no exact form on LoRA adapters without forming "

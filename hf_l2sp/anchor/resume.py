@@ -12,18 +12,20 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..loading.checkpoint_layout import ParameterLayout
 from ..loading.model_parts import checkpoint_key
 from ..loading.weights import weight_files
-from ..utils.errors import ConfigError, MissingFileError
+from ..utils.errors import CheckpointNotFoundError, ConfigError
 from ..utils.files import replacing, write_text_atomically
 from .fisher_io import FisherDiagonal, load_fisher
 from .parameters import anchored_rows, is_sharded
@@ -55,13 +57,14 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The highest-step `checkpoint-N` folder whose writing finished (interrupted ones are skipped)."""
+    """The highest-step `checkpoint-N` folder that can be resumed from: written completely by SPTrainer, or a plain
+    Trainer's (`checkpoint_kind`); interrupted ones are skipped."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
     steps = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     for _, path in sorted(steps, reverse=True):
-        if is_complete(path):
+        if checkpoint_kind(path) != "interrupted":
             return str(path)
     return None
 
@@ -96,21 +99,45 @@ def compare_anchors(stored: Reference, current: Reference) -> list[str]:
     return problems
 
 
-def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, description: str,
-                     layouts: dict[str, ParameterLayout], prefix: str) -> Reference:
-    """The anchor stored in `checkpoint`, checked against the one built now (`current`, whose new-tensor names it
-    keeps). `fixed`: the anchor was given (sp_reference or a Reference), so a different stored anchor is an error.
-    Otherwise the model must hold either w0 itself or the checkpoint's own weights (a model reloaded from it):
-    any other weights are another model, refused. `layouts`: how each parameter is saved (`parameter_layouts`);
-    `prefix`: the model's base-model prefix, which checkpoint files may or may not carry."""
+def checkpoint_kind(folder: str | os.PathLike) -> str:
+    """'sp': completely written by SPTrainer (its marker is written last); 'trainer': Trainer's files without
+    SPTrainer's (a plain Trainer's checkpoint, resumable); 'interrupted': neither (SPTrainer writes its anchor first,
+    so an anchor without the marker is an interrupted save)."""
+    folder = Path(folder)
+    if is_complete(folder):
+        return "sp"
+    if not (folder / ANCHOR_FILE).is_file() and (folder / TRAINER_STATE_NAME).is_file():
+        return "trainer"
+    return "interrupted"
+
+
+def anchor_to_resume(checkpoint: str, current: Reference, device, *, fixed: bool, description: str,
+                     layouts: dict[str, ParameterLayout], prefix: str, active: bool,
+                     recover: Callable[[str], Reference | None]) -> Reference:
+    """The anchor a run resumed from `checkpoint` keeps, given the one built now (`current`, whose new-tensor names
+    it keeps). Never re-anchors on the fine-tuned weights:
+
+    - an SPTrainer checkpoint: its stored w0 (fingerprint verified), whatever the model given holds (Trainer loads
+      the checkpoint's weights into any model of the same shape). `fixed` (sp_reference or a given Reference): a
+      different stored anchor is an error.
+    - a plain Trainer checkpoint (no anchor): `current`, unless the model holds the checkpoint's own weights; then
+      w0 comes from the source the model names (`recover`), or the resume is refused in one line.
+    Nothing is refused for the anchor's sake when no penalty acts (`active` False). `layouts` and `prefix` read the
+    checkpoint's weights (`parameter_layouts`, the base-model prefix).
+    """
     if not Path(checkpoint).is_dir():
-        raise MissingFileError(f"Checkpoint {checkpoint!r} does not exist.")
-    if not is_complete(checkpoint):
+        raise CheckpointNotFoundError(f"Can't find a checkpoint at {checkpoint!r}: no such folder.")
+    kind = checkpoint_kind(checkpoint)
+    if kind == "interrupted":
         last = last_complete_checkpoint(Path(checkpoint).parent)
         raise ConfigError(f"Checkpoint {checkpoint!r} was not completely written (interrupted while saving?); "
                           f"it cannot be resumed from. Last complete checkpoint: {last or 'none'}.")
+    if kind == "trainer":
+        return _anchor_without_stored_one(checkpoint, current, fixed, layouts, prefix, active, recover)
     stored = load_anchor(checkpoint, device)
     problems = compare_anchors(stored, current)
+    if not active:  # the anchor only feeds the distance log
+        return current if problems else _keeping_new_names(stored, current)
     if problems:
         raise ConfigError(f"Cannot resume from {checkpoint!r}: the model does not match the anchor stored there ("
                           + "; ".join(problems) + "). Resume with the model and regularizer the run started with.")
@@ -119,14 +146,40 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, fixed: bool, d
             raise ConfigError(f"Cannot resume from {checkpoint!r}: its anchor w0 differs from the one given now "
                               f"({description}). Resuming must keep the anchor the run started "
                               "with; remove sp_reference or point it at the original checkpoint.")
-        if not holds_checkpoint_weights(checkpoint, current, layouts, prefix):
-            raise ConfigError(f"Cannot resume from {checkpoint!r}: the model given now holds neither the run's "
-                              "pretrained weights (its stored anchor w0) nor this checkpoint's weights: it is another "
-                              "model of the same shape. Resume with the model the run started from.")
-        logger.info("hf_l2sp: the model holds %s's weights; the anchor is the stored w0 (resuming never "
-                    "re-anchors).", checkpoint)
+        if holds_checkpoint_weights(checkpoint, current, layouts, prefix):
+            logger.info("hf_l2sp: the model holds %s's weights; the anchor is the stored w0 (resuming never "
+                        "re-anchors).", checkpoint)
+        else:
+            logger.warning("hf_l2sp: the model given holds neither the run's w0 nor %s's weights; Trainer loads the "
+                           "checkpoint's weights into it and the anchor is the w0 stored there.", checkpoint)
+    return _keeping_new_names(stored, current)
+
+
+def _keeping_new_names(stored: Reference, current: Reference) -> Reference:
     stored.head_names = current.head_names
     return stored
+
+
+def _anchor_without_stored_one(checkpoint, current, fixed, layouts, prefix, active, recover) -> Reference:
+    """A plain Trainer checkpoint: the anchor built now, unless that is the checkpoint's own (fine-tuned) weights."""
+    if fixed or not holds_checkpoint_weights(checkpoint, current, layouts, prefix):
+        logger.warning("hf_l2sp: %s holds no anchor (a plain Trainer checkpoint); the anchor is %s.", checkpoint,
+                       current.source)
+        return current
+    source = current.base_model
+    same = source is not None and Path(source).resolve() == Path(checkpoint).resolve()
+    recovered = None if source is None or same else recover(source)
+    if recovered is not None:
+        logger.warning("hf_l2sp: %s holds no anchor (a plain Trainer checkpoint) and the model given holds its "
+                       "fine-tuned weights; the anchor is read from %s, the source the model names.", checkpoint,
+                       source)
+        return _keeping_new_names(recovered, current)
+    if not active:
+        return current
+    raise ConfigError(f"Cannot resume from {checkpoint!r}: it holds no anchor (a plain Trainer checkpoint), the model "
+                      f"given holds its fine-tuned weights, and no pretrained source can be read "
+                      f"({source or 'the model names none'}). Set sp_reference to the checkpoint the run started "
+                      "from.")
 
 
 def check_fisher_unchanged(checkpoint: str, fisher: FisherDiagonal | None, given: str | None) -> None:

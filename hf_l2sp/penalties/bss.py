@@ -75,6 +75,10 @@ class BatchSpectralShrinkage(FeatureRegularizer):
             raise RuntimeError("BSS saw no features: the head hook did not fire during the forward.")
         return self.eta * bss_value(features.flatten(1), self.k)
 
+    @property
+    def active(self) -> bool:
+        return self.eta != 0.0
+
     def config_dict(self) -> dict[str, Any]:
         return {"name": self.name, "eta": self.eta, "k": self.k}
 

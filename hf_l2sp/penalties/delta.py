@@ -131,6 +131,10 @@ class DELTA(FeatureRegularizer):
             total = term if total is None else total + term
         return self.alpha * total
 
+    @property
+    def active(self) -> bool:
+        return self.alpha != 0.0
+
     def state_files(self) -> dict[str, dict[str, Tensor]]:
         return {ATTENTION_FILE: {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}} if \
             self.weights else {}

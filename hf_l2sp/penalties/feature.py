@@ -41,6 +41,11 @@ class FeatureRegularizer(Penalty):
     #: False: a per-batch statistic (BSS), averaged over the step's micro-batches like the task loss's means.
     batch_sum: ClassVar[bool] = False
 
+    @property
+    def active(self) -> bool:
+        """False when its coefficient is 0: it is then neither computed nor hooked (it adds exactly nothing)."""
+        return True
+
     def setup(self, model: nn.Module, context: FeatureContext) -> None:
         """Called for each model the trainer anchors (at construction, and per `model_init` call): build frozen
         copies, find layers, ... `model` is the new model and `context` its anchor, head and data."""

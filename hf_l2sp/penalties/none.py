@@ -2,11 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from ..anchor.adapters import lora_squared_distance
 from ..anchor.parameters import SPParameters
-from .kernels import sum_of_squares
 from .registry import register_regularizer
-from .weight import PenaltyTerms, Regularizer
+from .weight import PenaltyTerms, Regularizer, distance_to_anchor
 
 
 @register_regularizer("none")
@@ -22,15 +20,11 @@ class NoRegularizer(Regularizer):
     protocol_fixed = {"sp_alpha": 0.0, "sp_beta": 0.0}
     supports_adapters = True
 
+    @property
+    def active(self) -> bool:
+        return False
+
     def __call__(self, params: SPParameters) -> PenaltyTerms:
-        with torch.no_grad():
-            if params.anchored:
-                diffs = torch._foreach_sub([p.detach().float() for p in params.anchored_views()],
-                                           [a.float() for a in params.anchors])
-                distance = sum_of_squares(diffs).sqrt()
-            else:
-                distance = torch.zeros(())
-            if params.lora:  # PEFT: the adapters' distance to the frozen base
-                distance = (distance.square() + lora_squared_distance(params.lora).to(distance.device)).sqrt()
+        distance = distance_to_anchor(params)
         zero = torch.zeros((), dtype=torch.float32, device=distance.device)
         return PenaltyTerms(penalty=zero, head_penalty=zero, distance=distance)

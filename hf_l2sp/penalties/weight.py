@@ -5,14 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .base import Penalty, check_coefficient
-from .kernels import half_squared_distance
+from .kernels import half_squared_distance, sum_of_squares
 
 if TYPE_CHECKING:
     from ..anchor.adapters import LoraTerm
     from ..anchor.parameters import SPParameters
+
+
+def distance_to_anchor(params: SPParameters) -> Tensor:
+    """||w_S - w0_S||_2 over the anchored tensors and the LoRA adapters, without a graph (for the logs)."""
+    from ..anchor.adapters import lora_squared_distance
+
+    with torch.no_grad():
+        diffs = torch._foreach_sub([p.detach().float() for p in params.anchored_views()],
+                                   [a.float() for a in params.anchors]) if params.anchored else []
+        squared = sum_of_squares(diffs)
+        if params.lora:
+            squared = squared + lora_squared_distance(params.lora).to(squared.device)
+    return squared.sqrt()
 
 
 @dataclass
@@ -68,6 +82,11 @@ class Regularizer(Penalty):
     def from_config(cls, args) -> Regularizer:
         return cls(alpha=args.sp_alpha, beta=args.sp_beta)
 
+    @property
+    def active(self) -> bool:
+        """False when every coefficient is 0: Omega is then exactly 0 and is not computed (no 0 x inf = NaN)."""
+        return self.alpha != 0.0 or self.beta != 0.0
+
     def prepare(self, params: SPParameters) -> None:
         """Called once each time the trainer (re)resolves the parameter sets; validate and cache per-tensor state."""
 
@@ -84,15 +103,21 @@ class Regularizer(Penalty):
         return None
 
     def __call__(self, params: SPParameters) -> PenaltyTerms:
-        """Omega on this process's tensors (under FSDP2: on its shards; the parts then sum over ranks)."""
-        anchored, sq_distance = self.anchored_penalty(params.anchored_views(), params.anchors)
-        if params.lora:  # PEFT: the adapters' distance to the frozen base, from the factors
-            adapter_value, adapter_sq = self.lora_penalty(params.lora)
-            anchored, sq_distance = anchored + adapter_value.to(anchored.device), sq_distance + adapter_sq.to(
-                sq_distance.device)
-        head_value, _ = half_squared_distance(params.head_views())
-        head = self.beta * head_value
-        return PenaltyTerms(penalty=anchored + head, head_penalty=head.detach(), distance=sq_distance.sqrt())
+        """Omega on this process's tensors (under FSDP2: on its shards; the parts then sum over ranks). A part whose
+        coefficient is 0 is not computed: it adds exactly 0, whatever the weights (an overflow included)."""
+        if not self.alpha:
+            distance_only = distance_to_anchor(params)
+            anchored, sq_distance = torch.zeros((), device=distance_only.device), distance_only.square()
+        else:
+            anchored, sq_distance = self.anchored_penalty(params.anchored_views(), params.anchors)
+            if params.lora:  # PEFT: the adapters' distance to the frozen base, from the factors
+                adapter_value, adapter_sq = self.lora_penalty(params.lora)
+                anchored, sq_distance = anchored + adapter_value.to(anchored.device), sq_distance + adapter_sq.to(
+                    sq_distance.device)
+        head = self.beta * half_squared_distance(params.head_views())[0] if self.beta else torch.zeros(
+            (), device=anchored.device)
+        return PenaltyTerms(penalty=anchored + head.to(anchored.device), head_penalty=head.detach(),
+                            distance=sq_distance.sqrt())
 
     def config_dict(self) -> dict[str, Any]:
         return {"name": self.name, "alpha": self.alpha, "beta": self.beta}

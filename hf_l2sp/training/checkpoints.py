@@ -7,6 +7,7 @@ tensors transformers renames or fuses on load). Mixed into `PenaltyMixin`, whose
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -14,23 +15,30 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete
+from ..anchor.reference import Reference
 from ..anchor.resume import restore_converted_weights, save_anchor
 from ..loading.checkpoint_layout import parameter_layouts
 from ..loading.model_parts import base_prefix
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, UserError
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointMixin:
     """The checkpoint side of `PenaltyMixin` (use `SPTrainer` / `SPMixin`)."""
 
     def _save_checkpoint(self, model, trial):
+        """The anchor first, then Trainer's files (weights, optimizer, scheduler, RNG, state), then the marker: a
+        folder with the anchor and no marker was interrupted; one with Trainer's files only is a plain Trainer's."""
         self._check_penalty_finite()
-        result = super()._save_checkpoint(model, trial)
         anchors = self.sp.reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
-        if self.args.should_save:  # after weights, optimizer, scheduler, RNG and state: the anchor, then the marker
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
             save_anchor(self.sp.reference, folder, anchors)
             self.save_feature_state(folder)
+        result = super()._save_checkpoint(model, trial)
+        if self.args.should_save:
             mark_complete(folder, self.state.global_step)
         return result
 
@@ -39,8 +47,8 @@ class CheckpointMixin:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ConfigError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no completely "
-                                  "written checkpoint-N folder.")
+                raise ConfigError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no checkpoint-N "
+                                  "folder that was completely written.")
         if resume_from_checkpoint:
             self._restore_anchor(str(resume_from_checkpoint))
         self.sp.side_penalty_total, self.sp.side_penalty_steps = 0.0, 0
@@ -56,13 +64,23 @@ class CheckpointMixin:
 
     def _restore_anchor(self, checkpoint: str) -> None:
         fixed = bool(self.args.sp_reference) or self._given_reference is not None
-        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed, self._anchor_description(),
-                                  parameter_layouts(self.model), base_prefix(self.model))
+        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed=fixed,
+                                  description=self._anchor_description(), layouts=parameter_layouts(self.model),
+                                  prefix=base_prefix(self.model), active=self.sp.active, recover=self._read_anchor)
         check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
         self.sp.reference = stored
         self.refresh_sp_parameters()
         for feature in self.sp.features:  # e.g. DELTA's channel attention: the run's, not a recomputed one
             feature.load_state(checkpoint)
+
+    def _read_anchor(self, source: str) -> Reference | None:
+        """w0 read from `source` (a folder or cached Hub repo) for this model, or None when it cannot be read."""
+        try:
+            return Reference.from_checkpoint(source, self.model, self.sp.head_modules, self.args.device,
+                                             new_names=self.sp.new_tensors.names if self.sp.new_tensors else ())
+        except (UserError, OSError) as err:
+            logger.info("hf_l2sp: could not read an anchor from %s (%s)", source, err)
+            return None
 
     def save_feature_state(self, folder: str | Path) -> None:
         """What the feature penalties need to resume or to be reused (e.g. DELTA's channel attention)."""

@@ -89,19 +89,17 @@ class OptimizerSidePenalty:
                 p32 = [p[rows].detach().float() for p, rows in zip(params, slices)]
                 diffs = torch._foreach_sub(p32, [a.float() for _, a, _, _ in anchored])
                 sq_distance.append(sum_of_squares(diffs))
-                if form.use_anchors:
-                    pull = diffs
-                else:
-                    pull = [t.clone() for t in p32]
-                if form.weights is not None:
-                    weights = [w for _, _, w, _ in anchored]
-                    anchored_value.append(0.5 * form.coef * weighted_sum_of_squares(weights, pull))
-                    pull = torch._foreach_mul(pull, weights)
-                else:
-                    anchored_value.append(0.5 * form.coef * (sum_of_squares(pull) if pull is not diffs
-                                                             else sq_distance[-1]))
-                self._apply(group, params, slices, pull, form.coef * scale)
-            if head:
+                if form.coef:  # a zero coefficient adds exactly nothing (not even 0 x inf)
+                    pull = diffs if form.use_anchors else [t.clone() for t in p32]
+                    if form.weights is not None:
+                        weights = [w for _, _, w, _ in anchored]
+                        anchored_value.append(0.5 * form.coef * weighted_sum_of_squares(weights, pull))
+                        pull = torch._foreach_mul(pull, weights)
+                    else:
+                        anchored_value.append(0.5 * form.coef * (sum_of_squares(pull) if pull is not diffs
+                                                                 else sq_distance[-1]))
+                    self._apply(group, params, slices, pull, form.coef * scale)
+            if head and form.head_coef:
                 params = [local_view(p) for p, _ in head]
                 slices = [rows for _, rows in head]
                 pull = [p[rows].detach().float().clone() for p, rows in zip(params, slices)]

@@ -44,6 +44,7 @@ class PenaltyState:
     log: PenaltyLog
     reference: Reference | None = None
     new_tensors: NewTensors | None = None
+    head_modules: list[str] = field(default_factory=list)  # the task head's modules (sp_head or detected)
     adapters: AdapterPlan | None = None  # a PEFT model's LoRA terms and modules_to_save anchors
     parameters: SPParameters | None = None
     parameters_key: tuple[int, ...] | None = None  # ids of the model's parameters the sets were resolved on
@@ -68,9 +69,16 @@ class PenaltyState:
         new = PenaltyState.from_config(args, regularizer)
         new.reference, new.new_tensors, new.adapters, new.ready = self.reference, self.new_tensors, self.adapters, \
             self.ready
+        new.head_modules = self.head_modules
         new.corrects_loss_normalisation = self.corrects_loss_normalisation
         self.detach_optimizer_hook()
         return new
+
+    @property
+    def active(self) -> bool:
+        """False under 'none' or when every coefficient is 0: training is then Trainer's, and nothing about the
+        model (its head, what is anchored) can refuse it."""
+        return self.regularizer.active or any(f.active for f in self.features)
 
     @property
     def weights_sharded(self) -> bool:

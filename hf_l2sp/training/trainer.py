@@ -30,7 +30,7 @@ from ..loading.model_parts import find_head_modules, parse_head_option, peft_bas
 from ..loading.model_parts import unwrap_model, validate_head_modules
 from ..loading.new_tensors import find_new_tensors, resized_tensors
 from ..penalties import FeatureContext, PenaltyTerms, Regularizer
-from ..utils.errors import DivergedError
+from ..utils.errors import ConfigError, DivergedError
 from ..utils.hub import public_name
 from .checkpoints import CheckpointMixin
 from .compat import check_trainer_hooks, loss_comes_from_model
@@ -119,8 +119,8 @@ class PenaltyMixin(CheckpointMixin):
 
     def _anchor(self, model: nn.Module, setup_penalties: bool = True) -> None:
         """Anchor `model`: its w0 (snapshot, `sp_reference` or the given Reference), then the penalties on it."""
-        head_modules = self._head_modules(model)
-        adapters = self.sp.adapters = find_adapters(model, head_modules)
+        head_modules = self.sp.head_modules = self._head_modules(model)
+        adapters = self.sp.adapters = find_adapters(model, head_modules, strict=self.sp.active)
         if adapters is not None:
             adapters.anchor_pretrained_rows(resized_tensors(model, adapters.originals))
         new = self.sp.new_tensors = (find_new_tensors(model, head_modules) if adapters is None
@@ -148,7 +148,7 @@ class PenaltyMixin(CheckpointMixin):
         check_groups_defined(sets, self.sp.regularizer, self.sp.new_tensors.converted if self.sp.new_tensors else [])
         if self.sp.features:
             context = FeatureContext(anchors=self.sp.reference.tensors, head_names=self.sp.reference.head_names,
-                                     head_modules=self._head_modules(model), device=self.args.device,
+                                     head_modules=self.sp.head_modules, device=self.args.device,
                                      train_batches=self.get_train_dataloader)
             for feature in self.sp.features:
                 feature.setup(model, context)
@@ -157,9 +157,20 @@ class PenaltyMixin(CheckpointMixin):
         log_coverage(model, sets, self.sp, self.args.sp_include)
 
     def _head_modules(self, model: nn.Module) -> list[str]:
+        """`sp_head`, else the detected task head. A model with no head hf_l2sp can find (a plain module, a custom
+        model) is trained with none: every trainable tensor anchored to its starting value, nothing new (a WARNING
+        names sp_head when a penalty acts)."""
         head_modules = parse_head_option(self.args.sp_head)
         if head_modules is None:
-            return find_head_modules(model)
+            try:
+                return find_head_modules(model)
+            except ConfigError:
+                if self.sp.active:
+                    logger.warning("hf_l2sp: found no classification head in %s, so every trainable tensor is "
+                                   "anchored to its starting value and none is new. Set sp_head to the new head's "
+                                   "module name(s) (e.g. sp_head='fc') if it has one, or sp_head='none' to say it "
+                                   "has none.", type(unwrap_model(model)).__name__)
+                return []
         validate_head_modules(model, head_modules)
         return head_modules
 

@@ -20,6 +20,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
+class CheckpointNotFoundError(MissingFileError, ValueError):
+    """A checkpoint to resume from does not exist: a ValueError too, the type `Trainer.train` raises for it."""
+
+
 class OutputExistsError(UserError, FileExistsError):
     """An output would overwrite something that is already there."""
 
