@@ -16,6 +16,17 @@ from .adapters import AdapterPlan, LoraTerm
 INCLUDE_CHOICES = ("weights", "all")
 
 
+class PenalisedTensors(list):
+    """The tensors a penalty reads (local, row-cut views of parameters) and where each one's gradient goes:
+    `targets` holds (parameter, slice of its local rows) per view; `direct`: the penalty kernels may write gradients
+    straight into `.grad` (`penalties.streaming`), instead of returning them to autograd. A plain list works too:
+    the kernels then return the gradients."""
+
+    def __init__(self, views, targets=None, direct: bool = True):
+        super().__init__(views)
+        self.targets, self.direct = targets, direct
+
+
 @dataclass
 class SPParameters:
     """The parameter sets of one model, resolved against a reference.
@@ -42,13 +53,21 @@ class SPParameters:
     #: Values of every trainable tensor of the model (LoRA factors included): what the coverage shares divide.
     trainable_values: int = 0
 
-    def anchored_views(self) -> list[Tensor]:
-        """The anchored values the penalty sees: local shards, cut to their pretrained rows (differentiable)."""
-        return [rows_view(local_view(p), rows) for p, rows in zip(self.anchored, self._rows())]
+    #: Penalty kernels write gradients straight into `.grad` (False under DeepSpeed, which moves them out).
+    direct_gradients: bool = True
 
-    def head_views(self) -> list[Tensor]:
+    def anchored_views(self) -> PenalisedTensors:
+        """The anchored values the penalty sees: local shards, cut to their pretrained rows (differentiable), and
+        where their gradients go."""
+        slices = [slice(rows) for rows in self._rows()]
+        return PenalisedTensors([cut(local_view(p), sl) for p, sl in zip(self.anchored, slices)],
+                                list(zip(self.anchored, slices)), self.direct_gradients)
+
+    def head_views(self) -> PenalisedTensors:
         """The new values the penalty sees: local shards, from their first new row on (differentiable)."""
-        return [local_view(p)[start:] if start else local_view(p) for p, start in zip(self.head, self._starts())]
+        slices = [slice(start or None, None) for start in self._starts()]
+        return PenalisedTensors([cut(local_view(p), sl) for p, sl in zip(self.head, slices)],
+                                list(zip(self.head, slices)), self.direct_gradients)
 
     def _rows(self) -> list[int | None]:
         return self.anchored_rows or [None] * len(self.anchored)
@@ -124,6 +143,11 @@ def fsdp_unsharded_now(model: nn.Module) -> bool:
 def local_view(tensor: Tensor) -> Tensor:
     """The rank's own shard of a DTensor (differentiable), or the tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def cut(tensor: Tensor, rows: slice) -> Tensor:
+    """`tensor[rows]`, or the tensor itself for the whole range (a 0-d tensor has no rows to slice)."""
+    return tensor if rows == slice(None) else tensor[rows]
 
 
 def rows_view(tensor: Tensor, rows: int | None) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..anchor.adapters import LoraTerm
+from .kernels import group_distance
 from .weight import Regularizer
 from .registry import register_regularizer
 
@@ -31,15 +32,8 @@ class GroupLassoSP(Regularizer):
     groups_rows = True
 
     def anchored_penalty(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
-        total = torch.zeros((), dtype=torch.float32, device=anchors[0].device if anchors else None)
-        sq_distance = total.clone()
-        for p, a in zip(params, anchors):
-            diff = (p.float() - a.float()).reshape(p.shape[0] if p.ndim else 1, -1)
-            group_norms = torch.linalg.vector_norm(diff, dim=1)
-            # float64 across groups: an fp32 sum of 1e5+ group norms drifts (see kernels.CHUNK)
-            total = total + (math.sqrt(diff.shape[1]) * group_norms.double().sum()).float()
-            sq_distance = sq_distance + group_norms.detach().double().square().sum().float()
-        return self.alpha * total, sq_distance
+        value, sq_distance = group_distance(params, anchors)
+        return self.alpha * value, sq_distance
 
     def lora_penalty(self, terms: list[LoraTerm]) -> tuple[Tensor, Tensor]:
         total, squared = [], []

@@ -1,10 +1,10 @@
-"""Multi-tensor kernels for the weight penalties.
+"""Kernels for the weight penalties.
 
-Each kernel is an ``autograd.Function`` over a *list* of parameters: the forward pass computes the value with
-``torch._foreach_*`` ops under ``no_grad`` (no graph is built for the penalty), and the backward pass writes the
-closed-form gradient, again with multi-tensor ops. Everything runs in fp32 whatever the parameter and anchor dtype
-(an anchor is stored in its parameter's dtype, an exact copy), so that ``w - w0`` keeps its precision under
-bf16/fp16 training; gradients are cast back to the parameter dtype.
+Each kernel is one ``autograd.Function`` over a *list* of parameters (`StreamedPenalty`): the forward pass computes
+the value under ``no_grad`` (no graph is built for the penalty) and the backward pass the closed-form gradient, both
+piece by piece (`streaming`), so that nothing model-sized is allocated or kept between the two passes. Everything
+runs in fp32 whatever the parameter and anchor dtype (an anchor is stored in its parameter's dtype, an exact copy),
+so that ``w - w0`` keeps its precision under bf16/fp16 training; gradients are cast back to the parameter dtype.
 
 Besides the penalty value, each kernel returns the squared Euclidean distance ``sum ||w - a||^2`` it computed on
 the way (non-differentiable), so the trainer can log ``sp/distance`` without a second pass over the weights.
@@ -17,13 +17,12 @@ fused call does, and measured as fast (``benchmarks/moe_anchor.py``). Small tens
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-
-def _fp32(tensors) -> list[Tensor]:
-    # .float() is a no-op (same tensor) for fp32 tensors.
-    return [t.detach().float() for t in tensors]
+from .streaming import differences, group_rows, pieces, run_backward, segment
 
 
 #: Values reduced in fp32 before the partial results are added in float64. Longer rows drift on constant data (a
@@ -33,6 +32,11 @@ CHUNK = 256
 
 def _exact_sum_of_norms(tensors: list[Tensor], ord: float) -> Tensor:
     """sum over tensors of ||t||_ord^ord (ord 1 or 2), fp32 result, float64 accumulation across rows of CHUNK."""
+    return sum64(tensors, ord).float()
+
+
+def sum64(tensors: list[Tensor], ord: float) -> Tensor:
+    """`_exact_sum_of_norms` as a float64 0-d tensor (to keep adding to)."""
     small = [t for t in tensors if t.numel() <= CHUNK]
     parts = []
     if small:
@@ -47,8 +51,8 @@ def _exact_sum_of_norms(tensors: list[Tensor], ord: float) -> Tensor:
         if whole < flat.numel():
             parts.append(torch.linalg.vector_norm(flat[whole:], ord).double().pow(ord))
     if not parts:
-        return torch.zeros((), dtype=torch.float32, device=tensors[0].device if tensors else None)
-    return torch.stack(parts).sum().float()
+        return torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None)
+    return torch.stack(parts).sum()
 
 
 def sum_of_squares(tensors: list[Tensor]) -> Tensor:
@@ -66,78 +70,94 @@ def weighted_sum_of_squares(weights: list[Tensor], tensors: list[Tensor]) -> Ten
     return sum_of_squares([torch.sqrt(c) * t for c, t in zip(weights, tensors)])
 
 
-def _to_param_dtype(grads: list[Tensor], params: tuple[Tensor, ...]) -> list[Tensor]:
-    return [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+class StreamedPenalty(torch.autograd.Function):
+    """One weight penalty over a list of tensors, with the squared distance sum ||w - a||^2 (detached) beside it.
 
-
-class HalfSquaredDistance(torch.autograd.Function):
-    """value = 1/2 sum_j c_j (w_j - a_j)^2 ; grad = c_j (w_j - a_j).
-
-    ``anchors`` None means a = 0 (plain L2); ``weights`` None means c = 1 (else a per-element weight, e.g. Fisher).
+    kind 'squared': 1/2 sum c (w - a)^2, gradient c (w - a) (c = `weights`, or 1; a = `anchors`, or 0);
+    'absolute': sum |w - a|, gradient sign(w - a) (0 at w = a, the subgradient autograd also picks);
+    'group': sum_g sqrt(p_g) ||w_g - a_g||, g the slices along dim 0 (p_g values each), gradient
+    sqrt(p_g) (w_g - a_g) / ||w_g - a_g|| (0 at a zero group).
+    `targets` ((parameter, rows) per tensor) and `direct`: where the gradient goes (`streaming.run_backward`).
     """
 
     @staticmethod
-    def forward(ctx, anchors: list[Tensor] | None, weights: list[Tensor] | None, *params: Tensor):
+    def forward(ctx, kind: str, anchors, weights, targets, direct: bool, *params: Tensor):
+        value = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        sq_distance = value.clone()
+        sizes = [group_rows(p)[1] for p in params] if kind == "group" else None
         with torch.no_grad():
-            p32 = _fp32(params)
-            # diffs is kept for the backward pass (a transient copy of the tensors, freed after it), so the
-            # gradient costs one multiply instead of a second subtraction over w and w0.
-            diffs = torch._foreach_sub(p32, _fp32(anchors)) if anchors is not None else [t.clone() for t in p32]
-            sq_distance = sum_of_squares(diffs)
-            if weights is None:
-                value = 0.5 * sq_distance
-            else:
-                value = 0.5 * weighted_sum_of_squares(weights, diffs)
-                diffs = torch._foreach_mul(diffs, weights)  # c (w - a): the gradient direction
-        ctx.diffs = diffs
-        ctx.dtypes = [p.dtype for p in params]
-        ctx.mark_non_differentiable(sq_distance)
-        return value, sq_distance
-
-    @staticmethod
-    def backward(ctx, grad_value: Tensor, _grad_sq_distance: Tensor):
-        grads, ctx.diffs = ctx.diffs, None  # consumed: the backward runs once
-        torch._foreach_mul_(grads, grad_value)
-        grads = [g if g.dtype == d else g.to(d) for g, d in zip(grads, ctx.dtypes)]
-        return (None, None, *grads)
-
-
-class AbsoluteDistance(torch.autograd.Function):
-    """value = sum_j |w_j - a_j| ; grad = sign(w_j - a_j) (0 at w_j = a_j, the subgradient autograd also picks)."""
-
-    @staticmethod
-    def forward(ctx, anchors: list[Tensor], *params: Tensor):
-        with torch.no_grad():
-            diffs = torch._foreach_sub(_fp32(params), _fp32(anchors))
-            value = sum_of_absolutes(diffs)
-            sq_distance = sum_of_squares(diffs)
-        ctx.anchors = anchors
+            for piece in pieces([p.numel() for p in params], sizes):
+                diffs = differences(params, anchors, piece)
+                if kind == "group":
+                    for (i, _, _), diff in zip(piece, diffs):
+                        norms = torch.linalg.vector_norm(diff.view(-1, sizes[i]), dim=1).double()
+                        value += math.sqrt(sizes[i]) * norms.sum()
+                        sq_distance += norms.square().sum()
+                    continue
+                squares = sum64(diffs, 2)
+                sq_distance += squares
+                if kind == "absolute":
+                    value += sum64(diffs, 1)
+                elif weights is None:
+                    value += 0.5 * squares
+                else:
+                    value += 0.5 * sum64([torch.sqrt(c) * d for c, d in zip(segment(weights, piece), diffs)], 2)
+        ctx.kind, ctx.anchors, ctx.weights, ctx.targets, ctx.direct, ctx.sizes = (kind, anchors, weights, targets,
+                                                                                   direct, sizes)
         ctx.save_for_backward(*params)
+        sq_distance = sq_distance.float()
         ctx.mark_non_differentiable(sq_distance)
-        return value, sq_distance
+        return value.float(), sq_distance
 
     @staticmethod
     def backward(ctx, grad_value: Tensor, _grad_sq_distance: Tensor):
         params = ctx.saved_tensors
-        grads = torch._foreach_sub(_fp32(params), _fp32(ctx.anchors))
-        torch._foreach_sign_(grads)
-        torch._foreach_mul_(grads, grad_value)
-        return (None, *_to_param_dtype(grads, params))
+        kind, anchors, weights, sizes = ctx.kind, ctx.anchors, ctx.weights, ctx.sizes
+        scale = grad_value.detach().float()
+
+        def write(sink) -> None:
+            for piece in pieces([p.numel() for p in params], sizes):
+                diffs = differences(params, anchors, piece)
+                if kind == "absolute":
+                    grads = torch._foreach_sign(diffs)
+                elif kind == "group":
+                    grads = [_group_gradient(diff, sizes[i]) for (i, _, _), diff in zip(piece, diffs)]
+                elif weights is not None:
+                    grads = torch._foreach_mul(diffs, [c.float() for c in segment(weights, piece)])
+                else:
+                    grads = diffs
+                sink.add(piece, torch._foreach_mul(grads, scale))  # out of place: diffs may be w itself
+
+        grads = run_backward(write, params, ctx.targets, ctx.direct)
+        return (None, None, None, None, None, *grads)
+
+
+def _group_gradient(diff: Tensor, size: int) -> Tensor:
+    rows = diff.view(-1, size)
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    return (rows * (math.sqrt(size) / torch.where(norms > 0, norms, torch.ones_like(norms))) * (norms > 0)).view(-1)
+
+
+def _apply(kind: str, params: list[Tensor], anchors, weights=None) -> tuple[Tensor, Tensor]:
+    if not params:
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, zero
+    targets, direct = getattr(params, "targets", None), getattr(params, "direct", False)
+    return StreamedPenalty.apply(kind, anchors, weights, targets, direct, *params)
 
 
 def half_squared_distance(
     params: list[Tensor], anchors: list[Tensor] | None = None, weights: list[Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
     """(1/2 sum c (w - a)^2, sum (w - a)^2) over the list, differentiable in the first output."""
-    if not params:
-        zero = torch.zeros((), dtype=torch.float32)
-        return zero, zero
-    return HalfSquaredDistance.apply(anchors, weights, *params)
+    return _apply("squared", params, anchors, weights)
 
 
 def absolute_distance(params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
     """(sum |w - a|, sum (w - a)^2) over the list, differentiable in the first output."""
-    if not params:
-        zero = torch.zeros((), dtype=torch.float32)
-        return zero, zero
-    return AbsoluteDistance.apply(anchors, *params)
+    return _apply("absolute", params, anchors)
+
+
+def group_distance(params: list[Tensor], anchors: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(sum_g sqrt(p_g) ||w_g - a_g||, sum (w - a)^2), groups = slices along dim 0, differentiable in the first."""
+    return _apply("group", params, anchors)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..anchor.parameters import SPParameters, local_view
+from ..anchor.parameters import SPParameters, cut, local_view
 from ..penalties.weight import PenaltyTerms, QuadraticForm
-from ..penalties.kernels import sum_of_squares, weighted_sum_of_squares
+from ..penalties.kernels import sum64
+from ..penalties.streaming import GradientSink, differences, pieces, segment
 from ..utils.errors import ConfigError
 
 SP_MODES = ("loss", "grad", "decoupled")
@@ -78,61 +79,50 @@ class OptimizerSidePenalty:
 
     @torch.no_grad()
     def _run(self, optimizer, scale: float) -> None:
+        """One pass per group and piece (`penalties.streaming`): w - w0 in fp32 for at most a piece at a time serves
+        the logged distance, the value and the update, which goes straight into `.grad` (grad) or the weights."""
         if self._groups is None:
             self._groups = self._split(optimizer)
         form = self.form
-        anchored_value, head_value, sq_distance = [], [], []
+        totals = None  # anchored value, head value, squared distance (float64, on the parameters' device)
         for group, anchored, head in self._groups:
+            parts = []
             if anchored:
-                params = [local_view(p) for p, _, _, _ in anchored]
-                slices = [rows for _, _, _, rows in anchored]
-                p32 = [p[rows].detach().float() for p, rows in zip(params, slices)]
-                diffs = torch._foreach_sub(p32, [a.float() for _, a, _, _ in anchored])
-                sq_distance.append(sum_of_squares(diffs))
-                if form.coef:  # a zero coefficient adds exactly nothing (not even 0 x inf)
-                    pull = diffs if form.use_anchors else [t.clone() for t in p32]
-                    if form.weights is not None:
-                        weights = [w for _, _, w, _ in anchored]
-                        anchored_value.append(0.5 * form.coef * weighted_sum_of_squares(weights, pull))
-                        pull = torch._foreach_mul(pull, weights)
-                    else:
-                        anchored_value.append(0.5 * form.coef * (sum_of_squares(pull) if pull is not diffs
-                                                                 else sq_distance[-1]))
-                    self._apply(group, params, slices, pull, form.coef * scale)
+                targets = [(p, rows) for p, _, _, rows in anchored]
+                weights = [w for _, _, w, _ in anchored] if form.weights is not None else None
+                parts.append(self._pass(group, targets, [a for _, a, _, _ in anchored], weights, form.coef,
+                                        form.use_anchors, scale))
             if head and form.head_coef:
-                params = [local_view(p) for p, _ in head]
-                slices = [rows for _, rows in head]
-                pull = [p[rows].detach().float().clone() for p, rows in zip(params, slices)]
-                head_value.append(0.5 * form.head_coef * sum_of_squares(pull))
-                self._apply(group, params, slices, pull, form.head_coef * scale)
+                parts.append(self._pass(group, head, None, None, form.head_coef, False, scale).roll(1))
+            for part in parts:
+                totals = part if totals is None else totals + part.to(totals.device)
         if self.on_terms is not None:
-            zero = torch.zeros(())
-            head_total = sum(head_value, zero)
-            self.on_terms(PenaltyTerms(penalty=sum(anchored_value, zero) + head_total, head_penalty=head_total,
-                                       distance=sum(sq_distance, zero).sqrt()))
+            totals = torch.zeros(3, dtype=torch.float64) if totals is None else totals
+            anchored_value, head_value, sq_distance = (t.float() for t in totals)
+            self.on_terms(PenaltyTerms(penalty=anchored_value + head_value, head_penalty=head_value,
+                                       distance=sq_distance.sqrt()))
 
-    def _apply(self, group, params: list[Tensor], slices: list[slice], pull: list[Tensor], coef: float) -> None:
-        if not coef:
-            return
-        if self.mode == "grad":
-            self._add_to_grad(params, slices, pull, coef)
-        else:
-            torch._foreach_mul_(pull, -group["lr"] * coef)
-            for p, rows, d in zip(params, slices, pull):
-                p[rows].add_(d.to(p.dtype))
-
-    @staticmethod
-    def _add_to_grad(params: list[Tensor], slices: list[slice], pull: list[Tensor], coef: float) -> None:
-        whole = all(rows == slice(None) for rows in slices)
-        grads = [p.grad for p in params]  # params are local views: under FSDP2 .grad is the local shard's
-        if whole and all(g is not None and g.dtype == torch.float32 for g in grads):
-            torch._foreach_add_(grads, pull, alpha=coef)  # one fused pass
-            return
-        for p, rows, g in zip(params, slices, pull):
-            update = (g * coef).to(p.dtype)
-            if p.grad is None and rows == slice(None):
-                p.grad = update
+    def _pass(self, group, targets, anchors, weights, coef: float, pull_to_anchor: bool, scale: float) -> Tensor:
+        """(value, 0, squared distance) of coef/2 sum c (w - a)^2 over `targets`, its update applied on the way."""
+        params = [cut(local_view(p), rows) for p, rows in targets]
+        sink = GradientSink(params, targets, True, into_weights=self.mode == "decoupled")
+        factor = coef * scale if self.mode == "grad" else -group["lr"] * coef
+        value = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+        sq_distance = value.clone()
+        for piece in pieces([p.numel() for p in params]):
+            diffs = differences(params, anchors, piece)
+            if anchors is not None:
+                sq_distance += sum64(diffs, 2)
+            if not coef:  # a zero coefficient adds exactly nothing (not even 0 x inf)
                 continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad[rows].add_(update)
+            pull = diffs if pull_to_anchor or anchors is None else differences(params, None, piece)
+            if weights is None:
+                value += 0.5 * coef * sum64(pull, 2)
+                update = torch._foreach_mul(pull, factor)
+            else:
+                c = [w.float() for w in segment(weights, piece)]
+                value += 0.5 * coef * sum64([torch.sqrt(w) * x for w, x in zip(c, pull)], 2)
+                update = torch._foreach_mul(torch._foreach_mul(pull, c), factor)
+            sink.add(piece, update)
+        sink.finish()
+        return torch.stack([value, torch.zeros_like(value), sq_distance])

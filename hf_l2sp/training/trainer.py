@@ -208,6 +208,8 @@ class PenaltyMixin(CheckpointMixin):
             return state.parameters  # FSDP2 between a unit's forward and backward: the shards are still these
         state.reference.shard_like(model)  # FSDP2: keep only this process's shard of w0
         state.parameters = resolve_parameters(model, state.reference.tensors, self.args.sp_include, state.adapters)
+        # DeepSpeed moves gradients out of .grad during the backward pass: the kernels return theirs to autograd.
+        state.parameters.direct_gradients = not getattr(self, "is_deepspeed_enabled", False)
         state.parameters_key = tuple(id(p) for p in model.parameters())
         state.regularizer.prepare(state.parameters)
         state.detach_optimizer_hook()  # the optimizer-side hook must see the new parameters
@@ -221,7 +223,8 @@ class PenaltyMixin(CheckpointMixin):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         terms = None
-        if training and self.args.sp_mode == "loss":
+        if training and self.args.sp_mode == "loss" and self.sp.regularizer.active:
+            # Only what acts is computed per step ('none' and zero coefficients: the distance, at logging steps).
             # Before the forward: under FSDP2 every parameter is then its shard (the root unit stays unsharded
             # from its forward until its backward), so Omega's gradient lands on the shards it belongs to.
             with torch.autocast(device_type=self.args.device.type, enabled=False):
@@ -246,7 +249,7 @@ class PenaltyMixin(CheckpointMixin):
             if terms is not None:
                 self.sp.log.add_weight_terms(terms, step)
                 penalty = penalty + self._whole_value(terms.penalty).to(loss.device)
-            else:  # 'grad' / 'decoupled': the optimizer side applies the weight penalty (optimizer_side.py)
+            elif self.args.sp_mode != "loss":  # 'grad' / 'decoupled': the optimizer side applies it
                 self._attach_optimizer_side(model)
             loss = loss + penalty * scale
         return (loss, outputs) if return_outputs else loss
@@ -329,6 +332,8 @@ class PenaltyMixin(CheckpointMixin):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         side = self.args.sp_mode != "loss"  # 'grad'/'decoupled': Omega is applied outside the returned loss
         if not self.sp.log.empty and "loss" in logs:  # a training log: flush the window's averages
+            if not side and not self.sp.regularizer.active:  # no per-step terms: the distance, measured now
+                self.sp.log.add_weight_terms(self.sp.regularizer(self.sp_parameters()), self.state.global_step)
             self._check_penalty_finite()
             steps = self.sp.log.weight_evaluations  # one per optimizer step on the optimizer side
             parts = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)

@@ -1,0 +1,170 @@
+"""What L2-SP costs at LLM scale: peak memory beyond the anchor, and the step overhead measured interleaved.
+
+    python benchmarks/lm_cost.py                 # GPT-2-small shape (124 M), about 15 minutes on 2 CPU cores
+    python benchmarks/lm_cost.py --quick         # a small GPT-2, a couple of minutes
+    python benchmarks/lm_cost.py --only memory   # or --only speed
+
+a. Memory: one fresh process per case (plain Trainer; SPTrainer with 'none'; l2_sp in 'loss', 'grad' and
+   'decoupled' modes), fp32 and bf16 weights, a few AdamW steps with clipping at 1.0. Peak resident memory
+   (ru_maxrss) above plain Trainer's, split into the anchor's bytes and the transient rest, which the penalty must
+   keep under 0.1 x the bytes of S. Run with MALLOC_MMAP_THRESHOLD_=131072 (set here for the children), so that
+   freed large blocks return to the system and the peak follows the live tensors.
+b. Step time: the trainers step in turn in one process (a callback hands the turn on at each step's end, so only
+   one runs at a time and the machine's drift hits all alike), and each round's step time is divided by plain
+   Trainer's in the same round: the paired median ratio and a 95 % interval (order statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CASES = [("plain", None), ("none", "loss"), ("l2_sp", "loss"), ("l2_sp", "grad"), ("l2_sp", "decoupled")]
+
+
+def model_and_data(quick: bool, dtype: str):
+    import torch
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    size = dict(n_embd=128, n_layer=2, n_head=4) if quick else dict(n_embd=768, n_layer=12, n_head=12)
+    config = GPT2Config(vocab_size=50257, n_positions=256, **size)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).to(getattr(torch, dtype))
+    ids = torch.randint(0, config.vocab_size, (64, 256), generator=torch.Generator().manual_seed(0))
+    return model, Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+
+
+def trainer_for(name, mode, model, data, steps, out, callbacks=()):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_l2sp import SPConfig, SPTrainer
+
+    common = dict(output_dir=out, use_cpu=True, report_to="none", save_strategy="no", max_steps=steps,
+                  per_device_train_batch_size=4, max_grad_norm=1.0, logging_steps=1000, disable_tqdm=True,
+                  learning_rate=1e-5, dataloader_num_workers=0)
+    if name == "plain":
+        return Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=list(callbacks))
+    args = SPConfig(**common, regularizer=name, sp_mode=mode, sp_alpha=0.01, sp_beta=0.0)
+    return SPTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+
+
+def memory_case(name, mode, dtype, quick, steps) -> dict:
+    """One case in this (fresh) process: peak RSS after `steps` steps, and the anchor's bytes."""
+    model, data = model_and_data(quick, dtype)
+    trainer = trainer_for(name, mode, model, data, steps, tempfile.mkdtemp())
+    trainer.train()
+    anchor = trainer.sp_reference.local_bytes() if name != "plain" else 0
+    s_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.ndim >= 2)
+    return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "anchor": anchor, "s": s_bytes}
+
+
+def table_memory(quick: bool, steps: int) -> None:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    print(f"\n(a) Peak memory over plain Trainer, {'small GPT-2' if quick else 'GPT-2-small (124 M)'}, batch 4 x "
+          f"256, AdamW, clipping 1.0, {steps} steps, one process per case")
+    print(f"{'dtype':6s} {'case':20s} {'extra GiB':>10s} {'anchor GiB':>11s} {'transient GiB':>14s} {'x S':>6s}")
+    for dtype in ("float32", "bfloat16"):
+        rows = {}
+        for name, mode in CASES:
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps([name, mode, dtype, quick, steps])],
+                                  env=env, capture_output=True, text=True, check=True)
+            rows[(name, mode)] = json.loads(done.stdout.strip().splitlines()[-1])
+        plain = rows[("plain", None)]["peak"]
+        for (name, mode), row in rows.items():
+            if name == "plain":
+                continue
+            extra = row["peak"] - plain
+            transient = extra - row["anchor"]
+            print(f"{dtype[:6]:6s} {name + ' ' + mode:20s} {extra / 2**30:10.3f} {row['anchor'] / 2**30:11.3f} "
+                  f"{transient / 2**30:14.3f} {transient / row['s']:6.2f}")
+
+
+def table_speed(quick: bool, rounds: int) -> None:
+    import torch
+    from transformers import TrainerCallback
+
+    names = [("plain", None), ("none", "loss"), ("l2_sp", "loss"), ("l2_sp", "grad")]
+    turn = threading.Condition()
+    state = {"turn": 0}
+    times = {i: [] for i in range(len(names))}
+
+    class Turns(TrainerCallback):
+        def __init__(self, index):
+            self.index, self.start = index, 0.0
+
+        def on_step_begin(self, args, train_state, control, **kwargs):
+            with turn:
+                turn.wait_for(lambda: state["turn"] == self.index)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, train_state, control, **kwargs):
+            times[self.index].append(time.perf_counter() - self.start)
+            with turn:
+                state["turn"] = (self.index + 1) % len(names)
+                turn.notify_all()
+
+    trainers = []
+    for index, (name, mode) in enumerate(names):
+        model, data = model_and_data(quick, "float32")
+        trainers.append(trainer_for(name, mode, model, data, rounds + 2, tempfile.mkdtemp(), [Turns(index)]))
+    threads = [threading.Thread(target=t.train) for t in trainers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    plain = times[0][2:]  # two warm-up rounds dropped
+    print(f"\n(b) Step time, trainers stepping in turn, {rounds} rounds (after 2 warm-up rounds), fp32, AdamW, "
+          f"clipping 1.0, {torch.get_num_threads()} threads; plain Trainer median {statistics.median(plain):.3f} s")
+    print(f"{'case':20s} {'median ratio':>13s} {'95 % interval':>18s}")
+    lower, upper = _median_interval_ranks(len(plain))
+    for index, (name, mode) in enumerate(names[1:], start=1):
+        ratios = sorted(t / p for t, p in zip(times[index][2:], plain))
+        print(f"{name + ' ' + mode:20s} {statistics.median(ratios) - 1:+13.1%} "
+              f"[{ratios[lower] - 1:+.1%}, {ratios[upper] - 1:+.1%}]")
+
+
+def _median_interval_ranks(n: int) -> tuple[int, int]:
+    """0-based order statistics bracketing the median with at least 95 % coverage (binomial, p = 1/2)."""
+    from math import comb
+
+    best = (0, n - 1)
+    for k in range(n // 2):
+        coverage = sum(comb(n, i) for i in range(k + 1, n - k)) / 2 ** n
+        if coverage >= 0.95:
+            best = (k, n - 1 - k)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=("memory", "speed"))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, mode, dtype, quick, steps = json.loads(args.child)
+        print(json.dumps(memory_case(name, mode, dtype, quick, steps)))
+        return
+    if args.only in (None, "memory"):
+        table_memory(args.quick, args.steps)
+    if args.only in (None, "speed"):
+        table_speed(args.quick, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

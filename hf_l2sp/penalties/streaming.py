@@ -1,0 +1,141 @@
+"""Weight penalties computed piece by piece, so that they cost the anchor and nothing model-sized besides.
+
+A penalty over the anchored tensors reads w and w0 and, in the backward pass, writes its gradient. Done on whole
+tensors at once, that takes fp32 copies of w, w0 and w - w0 as large as the model (2x its bytes in bf16), and the
+autograd way keeps w - w0 from the forward pass to the backward pass, while the activations are alive too. Here:
+
+- the tensors are walked in pieces of at most `PIECE_VALUES` values (runs of whole small tensors, processed with one
+  multi-tensor call each; or slices of one large tensor), each computed in fp32 and dropped before the next;
+- the forward pass keeps nothing but references to the tensors; the backward pass recomputes w - w0 per piece;
+- the gradient goes straight into each parameter's `.grad`, piece by piece, once the backward pass has finished (a
+  callback on autograd's engine that runs after those DDP and FSDP2 queue, so their averaging and sharding of the
+  task gradient are done first; every process adds the same penalty gradient, so adding it after averaging is
+  exact). Where that cannot be done (a caller without parameter targets, or DeepSpeed, which moves gradients out
+  of `.grad` during the backward pass), the gradients are returned to autograd, filled piece by piece.
+
+Values are summed in float64 across pieces (see `kernels`), so they stay exact at any size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from ..anchor.parameters import cut, local_view
+
+#: Values per piece: 256 Ki values, 1 MiB per fp32 temporary (a few are alive at a time).
+PIECE_VALUES = 1 << 18
+
+
+def direct_writes_available() -> bool:
+    """Whether autograd's engine takes end-of-backward callbacks (the API DDP and FSDP use); checked, as a rename
+    must fall back to returning gradients, never drop them."""
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    return callable(getattr(engine, "queue_callback", None))
+
+
+def pieces(numels: list[int], row_sizes: list[int] | None = None,
+           budget: int = PIECE_VALUES) -> Iterator[list[tuple[int, int, int]]]:
+    """Pieces of at most `budget` values, as (tensor index, start, end) segments of the flattened tensors: runs of
+    whole tensors, or slices of one larger tensor (cut at whole rows when `row_sizes` are given)."""
+    piece, size = [], 0
+    for i, n in enumerate(numels):
+        if n > budget:
+            if piece:
+                yield piece
+                piece, size = [], 0
+            step = budget if row_sizes is None else max(1, budget // row_sizes[i]) * row_sizes[i]
+            for start in range(0, n, step):
+                yield [(i, start, min(n, start + step))]
+            continue
+        if piece and size + n > budget:
+            yield piece
+            piece, size = [], 0
+        piece.append((i, 0, n))
+        size += n
+    if piece:
+        yield piece
+
+
+def segment(tensors, piece) -> list[Tensor]:
+    return [tensors[i].reshape(-1)[start:end] for i, start, end in piece]
+
+
+def differences(params, anchors, piece) -> list[Tensor]:
+    """w - a in fp32 for one piece (a = 0 without anchors: then w itself, cast)."""
+    values = [w.detach().float() for w in segment(params, piece)]
+    if anchors is None:
+        return values
+    return torch._foreach_sub(values, [a.float() for a in segment(anchors, piece)])
+
+
+class GradientSink:
+    """Where a piece's gradient goes: into `.grad` of the parameters (direct), or into gradients returned to
+    autograd. Gradients are written in the tensors' logical (row-major) order; a `.grad` stored otherwise
+    (channels_last) is collected whole and added at `finish`."""
+
+    def __init__(self, params, targets, direct: bool, into_weights: bool = False):
+        self.targets = targets if direct else None
+        self.returned = None if direct else [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
+        self.pending: dict[int, tuple[Tensor, Tensor]] = {}
+        self.into_weights = into_weights  # add to the parameters themselves (a decoupled update), not their .grad
+
+    def _view(self, i: int) -> Tensor:
+        param, rows = self.targets[i]
+        if self.into_weights:
+            grad = cut(local_view(param).detach(), rows)
+        else:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            grad = cut(local_view(param.grad), rows)
+        if grad.is_contiguous():
+            return grad.reshape(-1)
+        if i not in self.pending:
+            self.pending[i] = (grad, torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device))
+        return self.pending[i][1].view(-1)
+
+    def add(self, piece, grads: list[Tensor]) -> None:
+        if self.returned is not None:
+            for view, grad in zip(segment(self.returned, piece), grads):
+                view.copy_(grad)
+            return
+        for (i, start, end), grad in zip(piece, grads):
+            view = self._view(i)[start:end]
+            view.add_(grad.to(view.dtype))
+
+    def finish(self) -> None:
+        for grad, collected in self.pending.values():
+            grad.add_(collected)
+        self.pending.clear()
+
+
+def run_backward(write, params, targets, direct: bool):
+    """Call `write(sink)` now (returning the gradients) or at the end of the backward pass (direct writes)."""
+    if direct and targets is not None and direct_writes_available():
+        engine = torch.autograd.Variable._execution_engine
+
+        def write_gradients():
+            with torch.no_grad():
+                sink = GradientSink(params, targets, True)
+                write(sink)
+                sink.finish()
+
+        # Queued from a callback, it runs after every callback queued during the backward pass: DDP queues its
+        # finalisation (which copies the averaged buckets back into .grad) only once its last gradient is ready,
+        # possibly after this node ran.
+        engine.queue_callback(lambda: engine.queue_callback(write_gradients))
+        return [None] * len(params)
+    sink = GradientSink(params, targets, False)
+    with torch.no_grad():
+        write(sink)
+    return sink.returned
+
+
+def group_rows(tensor: Tensor) -> tuple[int, int]:
+    """(groups, values per group) of group lasso: one group per slice along dim 0 (one value for a 0-d tensor)."""
+    groups = tensor.shape[0] if tensor.ndim else 1
+    return groups, max(1, tensor.numel() // max(groups, 1))
+
+
