@@ -335,3 +335,23 @@ def test_spmixin_over_a_trainer_subclass_keeps_the_contract(tmp_path, sp):
     theirs = run(LoggingTrainer, tmp_path, "plain", "sequential", None, gradient_accumulation_steps=2)
     ours = run(SPLoggingTrainer, tmp_path, "ours", "sequential", sp, gradient_accumulation_steps=2)
     assert_same_training(ours, theirs)
+
+
+@pytest.mark.parametrize("sp", ZERO, ids=["none", "zero-coefficients"])
+def test_without_an_acting_penalty_the_distance_is_computed_only_when_logged(tmp_path, sp, monkeypatch):
+    """Only what is used is computed: 6 steps logged every 3 evaluate the weights twice, not once per step."""
+    from hf_l2sp.penalties.none import NoRegularizer
+    from hf_l2sp.penalties.weight import Regularizer
+
+    owner = NoRegularizer if sp["regularizer"] == "none" else Regularizer  # whose __call__ the run uses
+    calls, original = [], owner.__call__
+
+    def counting(self, params):
+        calls.append(1)
+        return original(self, params)
+
+    monkeypatch.setattr(owner, "__call__", counting)
+    trainer = run(SPTrainer, tmp_path, "ours", "linear", dict(sp, sp_head="none"), logging_steps=3)
+    assert len(calls) == 2
+    logged = [e for e in trainer.state.log_history if "sp/distance" in e]
+    assert len(logged) == 2 and logged[-1]["sp/distance"] > 0

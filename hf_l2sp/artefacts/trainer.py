@@ -42,9 +42,10 @@ class SPMixin(PenaltyMixin):
 
     What it overrides, each calling the trainer's own: `__init__` (anchor), `compute_loss` (Omega),
     `_clip_grad_norm` / `_get_grad_norm` (sp_mode 'grad'), `log` (`sp/*`), `_save_checkpoint` (anchor, marker,
-    optional artefacts), `train` (resume restores the anchor), `_save` / `save_model` / `push_to_hub` (weights timm
-    loads, drift, card), `evaluate` (metrics for the card), `call_model_init` / `_hp_search_setup` (model_init and
-    search trials), `_remove_unused_columns` (datasets with a transform keep their columns).
+    optional artefacts), `train` (resume restores the anchor), `_load_from_checkpoint` (the fused and renamed
+    tensors Trainer's resume leaves out), `_save` / `save_model` / `push_to_hub` (weights timm loads, drift, card),
+    `evaluate` (metrics for the card), `call_model_init` / `_hp_search_setup` (model_init and search trials),
+    `_remove_unused_columns` (datasets with a transform keep their columns).
 
     Use it exactly like the trainer it extends. At construction it decides which tensors are new (absent from the
     checkpoint the model came from, or the task head) and snapshots the others, w0 (in each parameter's dtype, on the
