@@ -92,8 +92,13 @@ def test_lora_on_attention_and_fused_experts_is_measured_against_the_frozen_base
 
 
 def test_group_lasso_on_fused_experts_is_refused_with_what_works(mixtral, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
     with pytest.raises(ValueError, match=r"group_lasso_sp.*fused by transformers.*Use l2_sp or l1_sp"):
         SPTrainer(model=mixtral.model, args=sp_config(tmp_path, regularizer="group_lasso_sp"))
+    adapted = get_peft_model(mixtral.model, LoraConfig(r=2, target_parameters=["mlp.experts.down_proj"]))
+    with pytest.raises(ValueError, match=r"group_lasso_sp.*LoRA on fused expert weights.*use l2_sp"):
+        SPTrainer(model=adapted, args=sp_config(tmp_path, regularizer="group_lasso_sp"))
 
 
 def test_resume_of_a_moe_run_equals_the_uninterrupted_run(mixtral, tmp_path):

@@ -280,6 +280,10 @@ def check_adapters_supported(sets: SPParameters, regularizer, features, sp_mode:
     if sp_mode != "loss":
         raise ConfigError(f"sp_mode={sp_mode!r} applies a closed-form gradient to plain tensors; on LoRA adapters "
                           "the penalty acts through the loss: use sp_mode='loss'.")
+    experts = [t.name for t in sets.lora if hasattr(t, "expert_factors")]
+    if getattr(regularizer, "groups_rows", False) and experts:
+        raise ConfigError(f"regularizer {regularizer.name!r} groups by output channel, which LoRA on fused expert "
+                          f"weights ({first_few(experts)}) does not line up with; use l2_sp on these adapters.")
     if any(f.name == "delta" for f in features):
         raise ConfigError("DELTA compares feature maps with a frozen copy of the source network; with LoRA that "
                           "is not built yet. Use l2_sp (or add bss).")
