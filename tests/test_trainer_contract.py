@@ -355,3 +355,22 @@ def test_without_an_acting_penalty_the_distance_is_computed_only_when_logged(tmp
     assert len(calls) == 2
     logged = [e for e in trainer.state.log_history if "sp/distance" in e]
     assert len(logged) == 2 and logged[-1]["sp/distance"] > 0
+
+
+def test_a_checkpoint_saved_over_is_incomplete_until_its_save_ends(tmp_path, monkeypatch):
+    """Saving into a checkpoint-N folder that a previous run completed: its old marker goes first, so a save
+    interrupted inside Trainer's own files leaves a folder that is never resumed from."""
+    from hf_l2sp.anchor.resume import checkpoint_kind
+
+    saving = dict(save_strategy="steps", save_steps=3, max_steps=3)
+    run(SPTrainer, tmp_path, "out", "linear", dict(ACTIVE, sp_head="none"), **saving)
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    assert checkpoint_kind(checkpoint) == "sp"
+
+    def interrupted(self, output_dir=None, _internal_call=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(SPTrainer, tmp_path, "out", "linear", dict(ACTIVE, sp_head="none"), **saving)
+    assert checkpoint_kind(checkpoint) == "interrupted"

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..anchor.resume import anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint, mark_complete
 from ..anchor.reference import Reference
-from ..anchor.resume import restore_converted_weights, save_anchor
+from ..anchor.resume import COMPLETE_MARKER, anchor_to_resume, check_fisher_unchanged, last_complete_checkpoint
+from ..anchor.resume import mark_complete, restore_converted_weights, save_anchor
 from ..loading.checkpoint_layout import parameter_layouts
 from ..loading.model_parts import base_prefix
 from ..utils.errors import ConfigError, UserError
@@ -35,6 +35,7 @@ class CheckpointMixin:
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
+            (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # a folder saved over is incomplete until the end
             save_anchor(self.sp.reference, folder, anchors)
             self.save_feature_state(folder)
         result = super()._save_checkpoint(model, trial)
