@@ -213,3 +213,23 @@ def test_mostly_free_values_are_a_warning_and_the_card_states_the_shares(tmp_pat
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| trainable values anchored / new / free | 10.8 % / 0.0 % / 89.2 % |" in card
+
+
+@pytest.mark.parametrize("mode", ["grad", "decoupled"])
+def test_a_resized_vocabulary_in_optimizer_side_modes_matches_the_loss_mode(tmp_path, mode):
+    """The pretrained rows are anchored and the added rows new on the optimizer side too: one SGD step in 'grad'
+    mode equals 'loss' mode's, and 'decoupled' (plain SGD, no clipping) as well."""
+    results = {}
+    for sp_mode in ("loss", mode):
+        _, model, vocab = _resized_llama(tmp_path / sp_mode)
+        pair = build_pair("causal-lm", "llama", tmp_path / sp_mode / "rows")
+        trainer = SPTrainer(model=model, args=sp_config(tmp_path / sp_mode, max_steps=1, sp_mode=sp_mode,
+                                                        sp_alpha=0.3, sp_beta=0.7, per_device_train_batch_size=2),
+                            train_dataset=Dataset.from_list(training_rows(pair)).with_format("torch"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        trainer.train()
+        results[sp_mode] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in results["loss"].items():
+        torch.testing.assert_close(results[mode][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -67,8 +67,7 @@ class ExpertLoraTerm(LoraTerm):
     """LoRA on a mixture of experts' fused 3-D weight (PEFT's `ParamWrapper`, `target_parameters`): one low-rank
     update per expert, W_e - W0_e = s B_e A_e."""
 
-    module: nn.Module | None = None
-    adapter: str = ""
+    module: nn.Module | None = None  # PEFT's ParamWrapper: its num_experts lays out the factors
 
     def expert_factors(self) -> tuple[Tensor, Tensor]:
         """(B_e, A_e) for every expert in fp32, (experts, out, r) and (experts, r, in), as PEFT's
@@ -187,8 +186,7 @@ def _expert_terms(name: str, module) -> list[LoraTerm]:
         lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         if lora_a.requires_grad or lora_b.requires_grad:
             terms.append(ExpertLoraTerm(f"{name}.{module.parameter_name}", lora_a, lora_b,
-                                        float(module.scaling[adapter]), module.get_param(), module=module,
-                                        adapter=adapter))
+                                        float(module.scaling[adapter]), module.get_param(), module=module))
     return terms
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .streaming import differences, group_rows, pieces, run_backward, segment
+from .streaming import differences, group_size, pieces, run_backward, segment
 
 
 #: Values reduced in fp32 before the partial results are added in float64. Longer rows drift on constant data (a
@@ -84,7 +84,7 @@ class StreamedPenalty(torch.autograd.Function):
     def forward(ctx, kind: str, anchors, weights, targets, direct: bool, *params: Tensor):
         value = torch.zeros((), dtype=torch.float64, device=params[0].device)
         sq_distance = value.clone()
-        sizes = [group_rows(p)[1] for p in params] if kind == "group" else None
+        sizes = [group_size(p) for p in params] if kind == "group" else None
         with torch.no_grad():
             for piece in pieces([p.numel() for p in params], sizes):
                 diffs = differences(params, anchors, piece)

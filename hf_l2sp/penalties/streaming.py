@@ -133,9 +133,9 @@ def run_backward(write, params, targets, direct: bool):
     return sink.returned
 
 
-def group_rows(tensor: Tensor) -> tuple[int, int]:
-    """(groups, values per group) of group lasso: one group per slice along dim 0 (one value for a 0-d tensor)."""
+def group_size(tensor: Tensor) -> int:
+    """Values per group of group lasso: one group per slice along dim 0 (one value for a 0-d tensor)."""
     groups = tensor.shape[0] if tensor.ndim else 1
-    return groups, max(1, tensor.numel() // max(groups, 1))
+    return max(1, tensor.numel() // max(groups, 1))
 
 
