@@ -190,22 +190,18 @@ def assert_sharded_run_equals_unsharded(got: dict, model, head: list[str], inclu
             torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("state, match", [
-    (SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=3)),
-     r"ZeRO-3 .* Use ZeRO-1/2 \(accelerate config 'zero2'\) or FSDP2"),
-    (SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=1)),
-     r"FSDP1 flattens parameters.* Use FSDP2"),
-])
-def test_unsupported_topologies_are_refused(state, match):
-    with pytest.raises(UnsupportedTopologyError, match=match):
+def test_fsdp1_is_refused_and_deepspeed_accepted():
+    state = SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=1))
+    with pytest.raises(UnsupportedTopologyError, match=r"FSDP1 flattens parameters.* Use FSDP2"):
         check_supported(SimpleNamespace(state=state))
-    ok = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2))
-    check_supported(SimpleNamespace(state=ok))
+    for stage in (1, 2, 3):
+        ok = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        check_supported(SimpleNamespace(state=ok))
 
 
 def test_unknown_accelerate_config_lists_the_shipped_ones(assets, capsys):
     assert main(["train", "--accelerate_config", "tpu_pod", *flags(assets, assets / "never")]) == 2
-    assert "shipped: fsdp2, multi_gpu, multi_node, single_gpu, zero1, zero2" in capsys.readouterr().err
+    assert "shipped: fsdp2, multi_gpu, multi_node, single_gpu, zero1, zero2, zero3" in capsys.readouterr().err
 
 
 def test_sigkill_then_resume_matches_the_uninterrupted_run(assets, tmp_path):
@@ -309,3 +305,25 @@ def test_resume_with_a_model_reloaded_from_the_checkpoint_or_another_one_keeps_t
     assert again.sp_reference.fingerprint() == resumed.sp_reference.fingerprint()
     for (name, a), b in zip(resumed.model.named_parameters(), again.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_launched_processes_that_accelerate_runs_alone_are_refused(monkeypatch):
+    """Without use_cpu on a machine without a GPU, accelerate runs each launched process alone: refused."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    alone = SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1)
+    with pytest.raises(UnsupportedTopologyError, match=r"2 processes were launched but accelerate runs each of them "
+                                                       r"alone .* pass use_cpu=True"):
+        check_supported(SimpleNamespace(state=alone))
+
+
+def test_accelerate_fsdp2_config_on_the_cpu_runs_ddp_and_says_so(assets, single, tmp_path):
+    """accelerate (1.15) selects FSDP only for GPU-class devices: on the CPU the shipped fsdp2 config runs DDP. The
+    run says so in one warning, and it is still exact (DDP)."""
+    out = tmp_path / "fsdp2"
+    cmd = [sys.executable, "-m", "hf_l2sp.cli", "train", "--accelerate_config", "fsdp2", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           *flags(assets, out, per_device_train_batch_size=2)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "asks for FSDP, but accelerate runs MULTI_CPU" in done.stdout
+    assert_same_run(single, result(out))

@@ -93,8 +93,7 @@ class SPParameters:
             "anchored_tensors": len(self.anchored),
             "anchored_parameters": sum(rows_numel(p, rows) for p, rows in zip(self.anchored, self._rows())),
             "head_tensors": len(self.head),
-            "head_parameters": sum(p.numel() - rows_numel(p, start or None) if start else p.numel()
-                                   for p, start in self.head_entries()),
+            "head_parameters": self._new_values(),
         }
         if self.lora:
             out.update(lora_layers=len(self.lora),
@@ -107,12 +106,15 @@ class SPParameters:
         total = self.trainable_values
         anchored = sum(rows_numel(p, rows) for p, rows in zip(self.anchored, self._rows()))
         anchored += sum(t.lora_A.numel() + t.lora_B.numel() for t in self.lora)
-        new = sum(p.numel() - rows_numel(p, start or None) if start else p.numel()
-                  for p, start in self.head_entries())
+        new = self._new_values()
         if not total:
             return {"anchored_share": 0.0, "new_share": 0.0, "free_share": 0.0}
         return {"anchored_share": anchored / total, "new_share": new / total,
                 "free_share": max(total - anchored - new, 0) / total}
+
+    def _new_values(self) -> int:
+        return sum(logical_numel(p) - rows_numel(p, start) if start else logical_numel(p)
+                   for p, start in self.head_entries())
 
     def coverage_text(self) -> str:
         shares = self.coverage()
@@ -156,10 +158,18 @@ def rows_view(tensor: Tensor, rows: int | None) -> Tensor:
 
 
 def rows_numel(tensor: Tensor, rows: int | None) -> int:
-    """Values in `tensor[:rows]` (the whole tensor for None), from its global shape (a DTensor's too)."""
+    """Values in `tensor[:rows]` (the whole tensor for None), from its global shape (a DTensor's, or a ZeRO-3
+    partitioned parameter's, too)."""
+    numel, shape = logical_numel(tensor), getattr(tensor, "ds_shape", tensor.shape)
     if rows is None:
-        return tensor.numel()
-    return rows * (tensor.numel() // tensor.shape[0])
+        return numel
+    return rows * (numel // shape[0])
+
+
+def logical_numel(tensor: Tensor) -> int:
+    """The values of the whole tensor, also when DeepSpeed ZeRO-3 holds only a partition of it (`ds_numel`)."""
+    numel = getattr(tensor, "ds_numel", None)
+    return tensor.numel() if numel is None else numel
 
 
 def anchored_rows(anchor: Tensor, param: Tensor) -> int | None | bool:
@@ -208,6 +218,11 @@ def resolve_parameters(model: nn.Module, reference: dict[str, Tensor], include: 
     originals = adapters.originals if adapters else {}
     for name, param in model.named_parameters():
         cname = canonical_name(name)
+        if param.numel() == 0 and getattr(param, "ds_numel", 0):
+            raise ConfigError(
+                f"{cname} is partitioned by DeepSpeed ZeRO-3, so hf_l2sp cannot read it to anchor or sort it here. "
+                "SPTrainer gathers a partitioned model while it anchors it; call refresh_sp_parameters() only "
+                "before training starts.")
         sets.trainable_values += param.numel() if param.requires_grad else 0
         if cname in lora_names:
             continue

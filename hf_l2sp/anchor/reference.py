@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,19 @@ from ..utils.text import first_few
 from .parameters import is_sharded, local_view
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FlatPartition:
+    """Where one rank's part of a tensor lies when the flattened tensor is cut into equal consecutive parts (DeepSpeed
+    ZeRO-3's layout): values [start, start + size) of `shape` flattened, of which the first `held` exist (the last
+    parts are shorter, or empty); `group` is the process group the parts are spread over."""
+
+    shape: tuple[int, ...]
+    start: int
+    size: int
+    held: int
+    group: object = None
 
 
 @dataclass
@@ -40,6 +54,8 @@ class Reference:
     #: Which tensors were new when w0 was taken, and why (for the card; kept across resumes like the anchor).
     new_description: str | None = None
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
+    #: DeepSpeed ZeRO-3: name -> this rank's flat part of the anchor (`keep_partitions`); the tensor is that part.
+    partitions: dict[str, FlatPartition] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def snapshot(cls, model: nn.Module, head_modules: list[str], device: torch.device | str | None = None,
@@ -55,6 +71,9 @@ class Reference:
             for name, param in unwrap_model(model).named_parameters():
                 cname = canonical_name(name)
                 if cname not in heads and (param.requires_grad or not trainable_only):
+                    if param.numel() == 0 and getattr(param, "ds_numel", 0):
+                        raise ConfigError(f"{cname} is partitioned by DeepSpeed ZeRO-3: snapshot the model inside "
+                                          "deepspeed.zero.GatheredParameters, or let SPTrainer take the snapshot.")
                     value = param.detach()[: resized[cname]] if cname in resized else param.detach()
                     tensors[cname] = value.to(device=device or param.device, copy=True)
         base = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", None) or None
@@ -162,13 +181,43 @@ class Reference:
             local = self.tensors[name].to(local_view(param).device)
             self.tensors[name] = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
 
+    def keep_partitions(self, parts: dict[str, FlatPartition]) -> None:
+        """DeepSpeed ZeRO-3: keep of each named anchor only this rank's flat part (a copy; the full tensor is freed),
+        as ZeRO-3 keeps of its parameter. The fingerprint is taken first, from the full tensors."""
+        self.fingerprint()
+        for name, part in parts.items():
+            if name in self.partitions:
+                continue
+            flat = self.tensors[name].reshape(-1)
+            self.tensors[name] = flat[part.start: part.start + part.held].clone()
+            self.partitions[name] = part
+
     def full_tensors(self) -> dict[str, Tensor]:
-        """Name -> full anchor. With FSDP2 shards this gathers them: every process must call it (a collective)."""
-        return {name: t.full_tensor() if is_sharded(t) else t for name, t in self.tensors.items()}
+        """Name -> full anchor. With FSDP2 shards or ZeRO-3 partitions this gathers them: every process must call
+        it, in the same order (a collective)."""
+        return {name: self._gathered(name, t) if name in self.partitions else t.full_tensor() if is_sharded(t) else t
+                for name, t in self.tensors.items()}
+
+    def _gathered(self, name: str, local: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        part = self.partitions[name]
+        padded = torch.zeros(part.size, dtype=local.dtype, device=local.device)
+        padded[: local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(part.group))]
+        dist.all_gather(parts, padded, group=part.group)
+        numel = math.prod(part.shape)
+        return torch.cat(parts)[:numel].reshape(part.shape)
 
     def local_bytes(self) -> int:
         """Bytes of w0 this process holds (its shards only, under FSDP2)."""
         return sum(local_view(t).numel() * local_view(t).element_size() for t in self.tensors.values())
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The whole anchor's shape (also when this rank keeps a partition of it)."""
+        part = self.partitions.get(name)
+        return tuple(part.shape) if part is not None else tuple(self.tensors[name].shape)
+
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        return sum(math.prod(self.partitions[n].shape) if n in self.partitions else t.numel()
+                   for n, t in self.tensors.items())

@@ -91,9 +91,8 @@ def compare_anchors(stored: Reference, current: Reference) -> list[str]:
         problems.append(f"in the checkpoint but not the model: {', '.join(missing[:5])}")
     if extra:
         problems.append(f"in the model but not the checkpoint: {', '.join(extra[:5])}")
-    shapes = [f"{k}: checkpoint {tuple(stored.tensors[k].shape)} vs model {tuple(current.tensors[k].shape)}"
-              for k in sorted(set(stored.tensors) & set(current.tensors))
-              if stored.tensors[k].shape != current.tensors[k].shape]
+    shapes = [f"{k}: checkpoint {stored.shape_of(k)} vs model {current.shape_of(k)}"
+              for k in sorted(set(stored.tensors) & set(current.tensors)) if stored.shape_of(k) != current.shape_of(k)]
     if shapes:
         problems.append(f"shape mismatches: {', '.join(shapes[:5])}")
     return problems

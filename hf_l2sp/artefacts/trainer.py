@@ -23,6 +23,7 @@ from ..loading.model_parts import is_peft_model, model_task, unwrap_model
 from ..loading.models import is_timm_wrapper, set_eval_data_config
 from ..loading.transforms import transform_facts
 from ..training.trainer import PenaltyMixin
+from ..training.zero3 import gathered_values
 from ..utils.errors import ConfigError
 from ..utils.files import write_text_atomically
 from ..utils.version import __version__
@@ -112,7 +113,8 @@ class SPMixin(PenaltyMixin):
         if self._artefacts_written == key:
             return
         anchors = self.sp_reference.full_tensors()
-        values = full_values(self.model) if self.sp_parameters().sharded else None
+        values = (gathered_values(self.model) if self.sp.zero3
+                  else full_values(self.model) if self.sp_parameters().sharded else None)
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             drift = compute_drift(self.model, anchors, set(self.sp_parameters().anchored_names), values=values)

@@ -32,9 +32,20 @@ def accelerate_config_path(name: str) -> Path:
                             f"{', '.join(choices)}.")
 
 
+#: `accelerate launch` options a command passes on, overriding the config's (e.g. a shipped config's 8 processes).
+LAUNCH_OPTIONS = {"--num_processes": int, "--main_process_port": int, "--mixed_precision": str}
+
+
 def relaunch_under_accelerate(config: str, command: str, argv: list[str]) -> int:
-    """`hf-l2sp CMD --accelerate_config X ...` == `accelerate launch --config_file X -m hf_l2sp.cli CMD ...`."""
+    """`hf-l2sp CMD --accelerate_config X [--num_processes N] ...` == `accelerate launch --config_file X
+    [--num_processes N] -m hf_l2sp.cli CMD ...` (also --main_process_port and --mixed_precision)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    for option, kind in LAUNCH_OPTIONS.items():
+        pre.add_argument(option, type=kind, default=None)
+    known, argv = pre.parse_known_args(argv)
+    launch = [x for option in LAUNCH_OPTIONS if (value := getattr(known, option[2:])) is not None
+              for x in (option, str(value))]
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-           str(accelerate_config_path(config)), "-m", "hf_l2sp.cli", command, *argv]
+           str(accelerate_config_path(config)), *launch, "-m", "hf_l2sp.cli", command, *argv]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)

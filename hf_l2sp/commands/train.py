@@ -2,17 +2,19 @@
 
     hf-l2sp train --config offline_lite0_digits_l2sp   (a packaged recipe: hf_l2sp/recipes/)
     hf-l2sp train --config recipes/resnet50_dogs_l2_sp.yaml --sp_alpha 0.01 --output_dir runs/dogs
-    hf-l2sp train --accelerate_config multi_gpu --config ...   (or fsdp2, zero2, multi_node, a YAML path)
+    hf-l2sp train --accelerate_config multi_gpu --config ...   (or fsdp2, zero2, zero3, multi_node, a YAML path)
     accelerate launch --multi_gpu --num_processes 2 -m hf_l2sp.cli train --config ...
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..utils.logs import configure_command_logging
 from ..pipeline.finetune import finetune
 from ..pipeline.options import ARGUMENT_TYPES, parse_with_recipe
+from ..training.deepspeed_setup import deepspeed_command_defaults
 from .launch import relaunch_under_accelerate, split_accelerate_config
 
 
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if config:
         return relaunch_under_accelerate(config, "train", rest)
     configure_command_logging()
-    metrics = finetune(*parse_args(rest))
-    if "test_accuracy" in metrics:
+    metrics = finetune(*parse_args(deepspeed_command_defaults(rest)))
+    if "test_accuracy" in metrics and os.environ.get("RANK", "0") == "0":  # once, not once per process
         print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     return 0

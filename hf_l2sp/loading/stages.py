@@ -39,7 +39,7 @@ def block_modules(model: nn.Module) -> list[str]:
         children = list(module.children()) if isinstance(module, nn.ModuleList) else []
         if not children or len({type(c) for c in children}) != 1:
             continue
-        size = sum(p.numel() for p in module.parameters())
+        size = sum(getattr(p, "ds_numel", None) or p.numel() for p in module.parameters())  # ZeRO-3: whole size
         if size > best_size:
             best, best_size = [canonical_name(f"{name}.{i}") for i in range(len(children))], size
     return best

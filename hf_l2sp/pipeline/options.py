@@ -48,7 +48,7 @@ def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) 
                         "offline_lite0_digits_l2sp): keys are the options below; flags override it.")
     parser.add_argument("--accelerate_config", default=None,
                         help="Relaunch under `accelerate launch` with this config: a YAML path or a shipped name "
-                             "(single_gpu, multi_gpu, multi_node, fsdp2, zero1, zero2).")
+                             "(single_gpu, multi_gpu, multi_node, fsdp2, zero1, zero2, zero3).")
     return parser
 
 

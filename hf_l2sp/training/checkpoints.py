@@ -20,6 +20,7 @@ from ..anchor.resume import mark_complete, restore_converted_weights, save_ancho
 from ..loading.checkpoint_layout import parameter_layouts
 from ..loading.model_parts import base_prefix
 from ..utils.errors import ConfigError, UserError
+from .zero3 import is_partitioned, partition_anchor, whole_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,17 @@ class CheckpointMixin:
 
     def _restore_anchor(self, checkpoint: str) -> None:
         fixed = bool(self.args.sp_reference) or self._given_reference is not None
-        stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed=fixed,
-                                  description=self._anchor_description(), layouts=parameter_layouts(self.model),
-                                  prefix=base_prefix(self.model), active=self.sp.active, recover=self._read_anchor)
-        check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
-        self.sp.reference = stored
-        self.refresh_sp_parameters()
+        with whole_parameters(self.model):  # DeepSpeed ZeRO-3: read and sorted whole, once
+            stored = anchor_to_resume(checkpoint, self.sp.reference, self.args.device, fixed=fixed,
+                                      description=self._anchor_description(), layouts=parameter_layouts(self.model),
+                                      prefix=base_prefix(self.model), active=self.sp.active, recover=self._read_anchor)
+            check_fisher_unchanged(checkpoint, getattr(self.sp.regularizer, "fisher", None), self.args.sp_fisher)
+            self.sp.reference = stored
+            self.refresh_sp_parameters()
+            if self.sp.zero3:  # resolved now, on whole parameters (DeepSpeed partitions them for training)
+                self.sp_parameters()
+        if is_partitioned(self.model):
+            partition_anchor(self.sp_parameters(), self.sp.reference)
         for feature in self.sp.features:  # e.g. DELTA's channel attention: the run's, not a recomputed one
             feature.load_state(checkpoint)
 

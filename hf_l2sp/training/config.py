@@ -12,6 +12,7 @@ from ..anchor.parameters import INCLUDE_CHOICES
 from ..penalties import REGULARIZERS, all_names, registered
 from ..penalties.base import check_coefficient
 from ..penalties.spec import parse_regularizer
+from .deepspeed_setup import check_deepspeed_launch
 from .optimizer_side import SP_MODES
 from ..utils.errors import ConfigError
 
@@ -128,6 +129,7 @@ class SPArguments:
             parent.__post_init__()
 
     def _validate_sp(self) -> None:
+        check_deepspeed_launch(self)
         spec = parse_regularizer(self.regularizer)  # raises with the valid names
         for penalty in registered():  # each penalty's own fields and rules, whether it runs or not
             for name in penalty.coefficient_fields:

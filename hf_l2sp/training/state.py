@@ -22,6 +22,7 @@ from ..penalties.none import NoRegularizer
 from ..penalties.spec import RegularizerSpec, parse_regularizer
 from .optimizer_side import OptimizerSidePenalty
 from .penalty_log import PenaltyLog
+from .zero3 import PartitionedPenalty
 
 
 @dataclass
@@ -54,6 +55,14 @@ class PenaltyState:
     #: sp_mode 'grad'/'decoupled': sum over the run's optimizer steps of Omega (for the final train_loss).
     side_penalty_total: float = 0.0
     side_penalty_steps: int = 0
+    #: Where Omega acts (`zero3.penalty_route`): 'loss', 'optimizer' (sp_mode grad/decoupled) or 'partitions'
+    #: (DeepSpeed ZeRO-3); and the penalty on ZeRO-3's partitions once training started.
+    where: str = "loss"
+    partitioned: PartitionedPenalty | None = None
+
+    @property
+    def zero3(self) -> bool:
+        return self.where == "partitions"
     ready: bool = field(default=False)  # set once Trainer.__init__ has finished (model_init may call back earlier)
 
     @classmethod
@@ -71,7 +80,10 @@ class PenaltyState:
             self.ready
         new.head_modules = self.head_modules
         new.corrects_loss_normalisation = self.corrects_loss_normalisation
+        new.where = self.where
         self.detach_optimizer_hook()
+        if self.partitioned is not None:
+            self.partitioned.detach()
         return new
 
     @property
@@ -83,7 +95,7 @@ class PenaltyState:
     @property
     def weights_sharded(self) -> bool:
         """FSDP2: the parameter sets hold shards, so the logged weight terms are partial sums."""
-        return self.parameters is not None and self.parameters.sharded
+        return self.partitioned is not None or (self.parameters is not None and self.parameters.sharded)
 
     def parameters_are_for(self, model: nn.Module) -> bool:
         return self.parameters is not None and self.parameters_key == tuple(id(p) for p in model.parameters())

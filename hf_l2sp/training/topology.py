@@ -2,16 +2,21 @@
 
 Supported: one process, DDP (one node or many; parameters are replicated, every rank computes the same Omega and
 DDP averages identical gradients), FSDP2 (parameters are DTensor shards; each rank keeps its shard of w0 and the
-penalty runs on local shards), DeepSpeed ZeRO-1/2 (replicated parameters). Refused: DeepSpeed ZeRO-3 (parameters
-are partitioned and gathered only inside forward, so a penalty on them sees empty tensors) and FSDP1 (flattened
-parameters).
+penalty runs on local shards), DeepSpeed ZeRO-1/2 (replicated parameters) and ZeRO-3 (the penalty on each rank's
+partitions, `training/zero3.py`). Refused: FSDP1 (flattened parameters).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 from accelerate.utils import DistributedType
 
 from ..utils.errors import UserError
+
+
+logger = logging.getLogger(__name__)
 
 
 class UnsupportedTopologyError(UserError, NotImplementedError):
@@ -21,12 +26,15 @@ class UnsupportedTopologyError(UserError, NotImplementedError):
 def check_supported(accelerator) -> None:
     state = accelerator.state
     kind = state.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        stage = getattr(getattr(state, "deepspeed_plugin", None), "zero_stage", None)
-        if stage == 3:
-            raise UnsupportedTopologyError(
-                "DeepSpeed ZeRO-3 partitions the parameters outside forward, so the SP penalty cannot see them. "
-                "Use ZeRO-1/2 (accelerate config 'zero2') or FSDP2 (accelerate config 'fsdp2') instead.")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise UnsupportedTopologyError(
+            f"{launched} processes were launched but accelerate runs each of them alone (distributed type "
+            f"{kind.value}), so each would train on its own and write the same files. On a machine without a GPU "
+            "pass use_cpu=True (--use_cpu true).")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
+        logger.warning("hf_l2sp: the accelerate config asks for FSDP, but accelerate runs %s (it shards only on "
+                       "GPU-class devices): the parameters and w0 are replicated on every process.", kind.value)
     if kind == DistributedType.FSDP:
         version = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", 1)
         if version != 2:

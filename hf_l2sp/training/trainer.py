@@ -30,6 +30,7 @@ from ..loading.model_parts import find_head_modules, parse_head_option, peft_bas
 from ..loading.model_parts import unwrap_model, validate_head_modules
 from ..loading.new_tensors import find_new_tensors, resized_tensors
 from ..penalties import FeatureContext, PenaltyTerms, Regularizer
+from ..penalties.weight import QuadraticForm
 from ..utils.errors import ConfigError, DivergedError
 from ..utils.hub import public_name
 from .checkpoints import CheckpointMixin
@@ -39,6 +40,8 @@ from .coverage import log_coverage
 from .optimizer_side import OptimizerSidePenalty
 from .state import OptimizerHook, PenaltyState
 from .topology import check_supported
+from .zero3 import PartitionedPenalty, check_zero3_supported, is_partitioned, partition_anchor, penalty_route
+from .zero3 import whole_parameters, zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +74,15 @@ class PenaltyMixin(CheckpointMixin):
         self._given_regularizer, self._given_reference = regularizer, reference
         self.sp = self._new_state(args)
         super().__init__(*bound.args, **bound.kwargs)
-        check_supported(self.accelerator)  # refuse ZeRO-3 / FSDP1 before anything is built
+        check_supported(self.accelerator)  # refuse FSDP1 before anything is built
+        self.sp.where = penalty_route(zero_stage(self.accelerator), self.args.sp_mode)
         self.sp.ready = True
         if self.model is not None:  # with model_init, Trainer.__init__ built the model through call_model_init
-            self._fix_loss_normalisation(self.model)
-            self._anchor(self.model)
+            with whole_parameters(self.model):  # ZeRO-3 may have partitioned it already: anchored whole, once
+                self._fix_loss_normalisation(self.model)
+                self._anchor(self.model)
+            if is_partitioned(self.model):
+                partition_anchor(self.sp_parameters(), self.sp.reference)
 
     def _new_state(self, args: SPArguments) -> PenaltyState:
         return PenaltyState.from_config(args, self._given_regularizer)
@@ -146,6 +153,9 @@ class PenaltyMixin(CheckpointMixin):
         check_adapters_supported(sets, self.sp.regularizer, self.sp.features, self.args.sp_mode)
         check_something_is_anchored(model, sets, self.sp.regularizer, self.sp.spec, self.args.sp_include)
         check_groups_defined(sets, self.sp.regularizer, self.sp.new_tensors.converted if self.sp.new_tensors else [])
+        if self.sp.zero3:
+            check_zero3_supported(self.args, self.sp.regularizer, self.sp.features, self.sp.adapters,
+                                  self.accelerator.state.mixed_precision)
         if self.sp.features:
             context = FeatureContext(anchors=self.sp.reference.tensors, head_names=self.sp.reference.head_names,
                                      head_modules=self.sp.head_modules, device=self.args.device,
@@ -223,7 +233,7 @@ class PenaltyMixin(CheckpointMixin):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         terms = None
-        if training and self.args.sp_mode == "loss" and self.sp.regularizer.active:
+        if training and self.sp.where == "loss" and self.sp.regularizer.active:
             # Only what acts is computed per step ('none' and zero coefficients: the distance, at logging steps).
             # Before the forward: under FSDP2 every parameter is then its shard (the root unit stays unsharded
             # from its forward until its backward), so Omega's gradient lands on the shards it belongs to.
@@ -249,7 +259,9 @@ class PenaltyMixin(CheckpointMixin):
             if terms is not None:
                 self.sp.log.add_weight_terms(terms, step)
                 penalty = penalty + self._whole_value(terms.penalty).to(loss.device)
-            elif self.args.sp_mode != "loss":  # 'grad' / 'decoupled': the optimizer side applies it
+            elif self.sp.where == "partitions":  # ZeRO-3, every mode: at the optimizer step (training/zero3.py)
+                self._attach_partitioned_penalty()
+            elif self.sp.where == "optimizer":  # 'grad' / 'decoupled': the optimizer side applies it
                 self._attach_optimizer_side(model)
             loss = loss + penalty * scale
         return (loss, outputs) if return_outputs else loss
@@ -282,6 +294,15 @@ class PenaltyMixin(CheckpointMixin):
         side = OptimizerSidePenalty(self.args.sp_mode, self.sp.regularizer.quadratic_form(), sets,
                                     on_terms=self._record_side_terms, step_key=lambda: self.state.global_step)
         self.sp.optimizer_hook = OptimizerHook(optimizer, side, side.attach(optimizer))
+
+    def _attach_partitioned_penalty(self) -> None:
+        """DeepSpeed ZeRO-3: w0 cut to this rank's partitions and Omega applied there, once (training/zero3.py)."""
+        if self.sp.partitioned is None:
+            active = self.sp.regularizer.active
+            form = self.sp.regularizer.quadratic_form() if active else QuadraticForm(0.0, True, None, 0.0)
+            self.sp.partitioned = PartitionedPenalty(self.model_wrapped, self.sp_parameters(), form,
+                                                     self.sp.reference, self.args.sp_mode, self._record_side_terms,
+                                                     active)
 
     def _record_side_terms(self, terms: PenaltyTerms) -> None:
         self.sp.log.add_weight_terms(terms, self.state.global_step + 1)
@@ -330,10 +351,13 @@ class PenaltyMixin(CheckpointMixin):
             )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        side = self.args.sp_mode != "loss"  # 'grad'/'decoupled': Omega is applied outside the returned loss
+        # 'grad'/'decoupled' (and every mode under ZeRO-3): Omega is applied outside the returned loss
+        side = self.sp.where != "loss"
         if not self.sp.log.empty and "loss" in logs:  # a training log: flush the window's averages
-            if not side and not self.sp.regularizer.active:  # no per-step terms: the distance, measured now
-                self.sp.log.add_weight_terms(self.sp.regularizer(self.sp_parameters()), self.state.global_step)
+            if not self.sp.regularizer.active and (self.sp.partitioned or not side):  # the distance, measured now
+                terms = (self.sp.partitioned.measure() if self.sp.partitioned
+                         else self.sp.regularizer(self.sp_parameters()))
+                self.sp.log.add_weight_terms(terms, self.state.global_step)
             self._check_penalty_finite()
             steps = self.sp.log.weight_evaluations  # one per optimizer step on the optimizer side
             parts = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)
