@@ -195,8 +195,9 @@ def test_fsdp1_is_refused_and_deepspeed_accepted():
     with pytest.raises(UnsupportedTopologyError, match=r"FSDP1 flattens parameters.* Use FSDP2"):
         check_supported(SimpleNamespace(state=state))
     for stage in (1, 2, 3):
-        ok = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=stage))
-        check_supported(SimpleNamespace(state=ok))
+        plugin = SimpleNamespace(zero_stage=stage)
+        check_supported(SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                                              deepspeed_plugin=plugin, num_processes=1)))
 
 
 def test_unknown_accelerate_config_lists_the_shipped_ones(assets, capsys):
