@@ -1,12 +1,12 @@
 """hf_l2sp: the explicit inductive bias of Li, Grandvalet & Davoine (ICML 2018) for Hugging Face fine-tuning.
 
 Public API: `SPTrainer`, `SPConfig`, `SPMixin` and `SPArguments` (for any Trainer subclass, e.g. TRL's), the
-regularizer registry (`REGULARIZERS`, `register_regularizer`, `get_regularizer_class`, `list_regularizers`, the
-`Regularizer` base class), `Reference` (the anchor w0), the loaders (`load_backbone`, `load_image_dataset`, transforms,
-collator, metrics) and the Fisher-file helpers.
+regularizer registry (`REGULARIZERS`, `register_regularizer`, `register_feature_regularizer`,
+`get_regularizer_class`, `list_regularizers`, the `Regularizer` base class), `Reference` (the anchor w0), the
+loaders (`load_backbone`, `load_image_dataset`, transforms, collator, metrics) and the Fisher-file helpers.
 """
 
-# Layer by layer, in the order data flows (see the README's Development section).
+# Layer by layer, in the order data flows (see docs/development.md).
 from .loading.data import DataArguments, load_image_dataset
 from .loading.metrics import compute_metrics
 from .loading.models import BackboneReport, data_config_of, load_backbone
@@ -20,6 +20,7 @@ from .penalties import (
     Regularizer,
     get_regularizer_class,
     list_regularizers,
+    register_feature_regularizer,
     register_regularizer,
 )
 from .training.config import SPArguments, SPConfig
@@ -55,6 +56,7 @@ __all__ = [
     "get_regularizer_class",
     "list_regularizers",
     "load_fisher",
+    "register_feature_regularizer",
     "register_regularizer",
     "save_fisher",
 ]

@@ -1,4 +1,4 @@
-"""The package's structure, as the README's Development section states it: layers that import one way, no import
+"""The package's structure, as the docs' Development page states it: layers that import one way, no import
 cycles (function-level and TYPE_CHECKING imports included), no private names imported across modules, no module over
 400 lines, and a penalty is one module (the registry supplies everything else)."""
 

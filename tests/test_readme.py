@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (in a temporary folder, offline), the text ones as scripts."""
+"""The Python examples of the README and the docs run as written (in a temporary folder, offline), the text ones as
+scripts; every one is claimed by a test here, and the docs site builds in strict mode."""
 
 import json
 import os
@@ -11,18 +12,85 @@ import pytest
 
 from .helpers import pil_images
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+#: Each Python block of the README and the docs, by words only it holds, and the test that runs it.
+BLOCKS = {
+    "image quick start": ("load_backbone(", "trainer.train()"),
+    "loading": ("timm.create_model(", "pipeline("),
+    "text classification": ("AutoModelForSequenceClassification", "DataCollatorWithPadding", "SPTrainer("),
+    "sft": ("SFTSPTrainer(", "SPMixin"),
+    "compare": ("compare(options", "load_recipe"),
+    "lora": ("get_peft_model", "save_merged_model"),
+}
+
+
+def python_blocks() -> list[str]:
+    """Every distinct Python block of the README and the docs (the README repeats two of the Quickstart's)."""
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+            if block not in found:
+                found.append(block)
+    return found
 
 
 def quick_start() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    return next(b for b in blocks if "SPTrainer(" in b and "trainer.train()" in b)
+    return python_block(*BLOCKS["image quick start"])
+
+
+def test_every_python_block_is_run_by_a_test():
+    for block in python_blocks():
+        owners = [name for name, needles in BLOCKS.items() if all(n in block for n in needles)]
+        assert len(owners) == 1, f"a Python block no test runs (or two claim):\n{block[:300]}"
+
+
+def test_readme_is_short_and_opens_with_install_and_both_quick_starts():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200
+    order = [next(i for i, line in enumerate(lines) if line.startswith(h))
+             for h in ("## Installation", "## Quick start: images", "## Quick start: text")]
+    assert order == sorted(order) and order[0] < 25
+    assert "pip install hf_l2sp" not in README.read_text()
+    assert 'pip install -c constraints.txt ".[trl,peft]"' in README.read_text()
+
+
+def test_docs_site_builds_in_strict_mode(tmp_path):
+    pytest.importorskip("mkdocs")
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    done = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pages = list((tmp_path / "site").rglob("index.html"))
+    assert len(pages) >= 8
+    options = (tmp_path / "site" / "reference" / "config" / "index.html").read_text()
+    import dataclasses
+
+    from hf_l2sp import SPArguments
+
+    for field in dataclasses.fields(SPArguments):  # generated from the dataclass: every field is there
+        assert f"<code>{field.name}</code>" in options, field.name
+
+
+def test_every_option_is_described_in_the_config_docstring():
+    """The options page takes each field's description from SPArguments' docstring: none may be missing."""
+    import dataclasses
+    import importlib.util
+
+    from hf_l2sp import SPArguments
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    described = hooks.field_descriptions()
+    assert {f.name for f in dataclasses.fields(SPArguments)} <= set(described)
 
 
 def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_L2SP_CACHE", str(tmp_path / "cache"))
-    code = quick_start().replace("num_train_epochs=3", "num_train_epochs=1")  # same code path, shorter
+    code = quick_start().replace("num_train_epochs=15", "num_train_epochs=1")  # same code path, shorter
     exec(compile(code, str(README), "exec"), {})
     out = capsys.readouterr().out
     assert "pretrained tensors" in out and "test_accuracy" in out
@@ -37,7 +105,7 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     card = (run / "README.md").read_text()
     assert "hf_l2sp:digits" in card and "a user-provided dataset" not in card and "`?`" not in card
     # The README's loading block, as written, on the quick start's folder.
-    loading = python_block("timm.create_model(", "pipeline(")
+    loading = python_block(*BLOCKS["loading"])
     exec(compile(loading, str(README), "exec"), {})
     assert "(3, 64, 64)" in capsys.readouterr().out
 
@@ -62,8 +130,7 @@ def test_demo_command_runs_offline(tmp_path, monkeypatch, capsys):
 
 
 def python_block(*needles: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    found = [b for b in blocks if all(n in b for n in needles)]
+    found = [b for b in python_blocks() if all(n in b for n in needles)]
     assert len(found) == 1, needles
     return found[0]
 
@@ -86,10 +153,8 @@ def test_text_classification_example_runs_as_written(tmp_path):
     from .text_models import save_distilbert_base
 
     local = save_distilbert_base(tmp_path / "distilbert")
-    block = python_block("AutoModelForSequenceClassification", "DataCollatorWithPadding", "SPTrainer(")
-    out = run_as_script(block, tmp_path,
-                        {'"distilbert/distilbert-base-uncased"': repr(local),
-                         'report_to="none"': 'report_to="none", use_cpu=True'})
+    block = python_block(*BLOCKS["text classification"])
+    out = run_as_script(block, tmp_path, {'"distilbert/distilbert-base-uncased"': repr(local)})
     assert "task head: classifier" in out and "pre_classifier.weight" in out
     assert "pipeline_tag: text-classification" in (tmp_path / "runs" / "text" / "README.md").read_text()
 
@@ -99,8 +164,7 @@ def test_sft_example_runs_as_written(tmp_path):
     from .text_models import save_gpt2_lm
 
     local = save_gpt2_lm(tmp_path / "gpt2")
-    out = run_as_script(python_block("SFTSPTrainer(", "SPMixin"), tmp_path,
-                        {'"Qwen/Qwen2.5-0.5B"': repr(local), 'report_to="none"': 'report_to="none", use_cpu=True'})
+    out = run_as_script(python_block(*BLOCKS["sft"]), tmp_path, {'"Qwen/Qwen2.5-0.5B"': repr(local)})
     assert "'anchored_tensors': 6" in out and "'head_tensors': 0" in out
     assert "pipeline_tag: text-generation" in (tmp_path / "runs" / "sft" / "README.md").read_text()
 
@@ -108,7 +172,7 @@ def test_sft_example_runs_as_written(tmp_path):
 def test_compare_example_runs_as_written_as_a_script(tmp_path):
     """Issue 22h: the compare snippet, saved as a script, with its two worker processes (spawn re-imports the
     script: the `__main__` guard is what makes it work). Shortened runs; the code path is the same."""
-    code = python_block("compare(options", "load_recipe")
+    code = python_block(*BLOCKS["compare"])
     out = run_as_script(code, tmp_path, {
         '"output_dir": "runs/compare/best"}': '"output_dir": "runs/compare/best", "max_steps": 2, '
                                               '"max_train_samples_per_class": 3, "eval_strategy": "no", '
@@ -122,7 +186,7 @@ def test_lora_example_runs_as_written(tmp_path):
     from .text_models import save_bert_base
 
     local = save_bert_base(tmp_path / "bert")
-    out = run_as_script(python_block("get_peft_model", "save_merged_model"), tmp_path,
+    out = run_as_script(python_block(*BLOCKS["lora"]), tmp_path,
                         {'"google-bert/bert-base-uncased"': repr(local),
                          'report_to="none"': 'report_to="none", use_cpu=True'})
     assert "'lora_layers': 2" in out and "'anchored_tensors': 0" in out  # the tiny BERT has one layer

@@ -61,7 +61,8 @@ class SPMixin(PenaltyMixin):
         reference: a ready `Reference` (anchors) instead of a snapshot / `args.sp_reference`.
         backbone_report: what `load_backbone` reported (the source model's revision goes on the model card).
         data_description: `ImageData.description` (dataset, splits, sizes), for the model card.
-        Every other argument is the trainer's own.
+
+    Every other argument is the trainer's own.
     """
 
     def __init__(self, *trainer_args, backbone_report=None, data_description=None, **trainer_kwargs):

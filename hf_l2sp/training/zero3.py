@@ -118,7 +118,7 @@ class PartitionedPenalty:
         missing = [name for name in _PARTITION_API if not callable(getattr(ds_utils, name, None))]
         if missing:
             raise RuntimeError(f"deepspeed.utils no longer has {missing}: hf_l2sp cannot apply the penalty under "
-                               "ZeRO-3 with this DeepSpeed. Pin deepspeed to a version the README names.")
+                               "ZeRO-3 with this DeepSpeed. Install the tested one: deepspeed==0.19.8.")
         self.api, self.engine, self.form, self.mode, self.on_terms = ds_utils, engine, form, mode, on_terms
         self.parts = self._partition(params, form, reference)
         self.active = active
