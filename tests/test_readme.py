@@ -191,4 +191,9 @@ def test_lora_example_runs_as_written(tmp_path):
                          'report_to="none"': 'report_to="none", use_cpu=True'})
     assert "'lora_layers': 2" in out and "'anchored_tensors': 0" in out  # the tiny BERT has one layer
     assert (tmp_path / "runs" / "lora-merged" / "config.json").is_file()
-    assert "LoRA on 2 layers" in (tmp_path / "runs" / "lora-merged" / "README.md").read_text()
+    card = (tmp_path / "runs" / "lora-merged" / "README.md").read_text()
+    assert "LoRA on 2 layers" in card
+    # what the run did: the base is the anchor (no copy), the adapters are counted, and no "no drift" beside them
+    assert "the frozen base is the anchor; no copy is kept" in card and "copied when training started" not in card
+    assert "| LoRA adapters (their distance to the frozen base) | 2 layers" in card
+    assert "No anchored tensors: no drift to report" not in card

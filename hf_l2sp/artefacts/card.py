@@ -103,7 +103,8 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
                anchor_source: str, base_model: str | None, base_revision: str | None, is_timm: bool,
                data: dict | None, metrics: dict[str, float], drift: dict | None, hyperparameters: dict,
                fisher_source: str | None = None, features=(), label: str | None = None,
-               task: str | None = "image-classification", new_tensors: str | None = None) -> dict[str, Any]:
+               task: str | None = "image-classification", new_tensors: str | None = None,
+               stored_tensors: int | None = None) -> dict[str, Any]:
     """Everything the template needs, as plain JSON-able values with machine-specific details removed."""
     data = data or {}
     dataset = data.get("dataset")
@@ -142,6 +143,7 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
         "is_image": task == "image-classification",
         "new_tensors": new_tensors,
         "anchor_source": anchor_source,
+        "stored_tensors": stored_tensors,  # tensors in w0 (sp_config.json's count): anchored ones plus free ones
         "fisher_source": public_name(fisher_source),
         **sp_summary,
         "is_timm": is_timm,

@@ -159,7 +159,9 @@ class SPMixin(PenaltyMixin):
             "sp_include": self.args.sp_include,
             "anchor": {"source": self._anchor_description(), "fingerprint": self.sp_reference.fingerprint(),
                        "tensors": len(self.sp_reference.tensors),
-                       "parameters": self.sp_reference.num_parameters()},
+                       "parameters": self.sp_reference.num_parameters(),
+                       # of those, the ones the penalty acts on (the card's "anchored tensors"); the rest are free
+                       "anchored_tensors": self.sp_parameters().summary()["anchored_tensors"]},
         }
 
     def _render_card(self, drift: dict | None):
@@ -177,7 +179,7 @@ class SPMixin(PenaltyMixin):
             hyperparameters=non_default_hyperparameters(self.args),
             fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
             label=self.regularizer_spec.label, task=model_task(model),
-            new_tensors=self.sp_reference.new_description,
+            new_tensors=self.sp_reference.new_description, stored_tensors=len(self.sp_reference.tensors),
         ))
 
     def _datasets(self) -> list:

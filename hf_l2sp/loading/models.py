@@ -90,6 +90,7 @@ def load_backbone(name_or_path: str, id2label: dict[int, str], revision: str | N
         model, new = _load_timm(folder, config, id2label, source)
         kind, arch = "timm", config["architecture"]
     elif "model_type" in config:
+        _check_image_classifier(config["model_type"], source)
         model, new = _load_transformers(folder, id2label, source)
         kind, arch = "transformers", type(model).__name__
     else:
@@ -97,6 +98,25 @@ def load_backbone(name_or_path: str, id2label: dict[int, str], revision: str | N
                           "(no 'model_type') can read.")
     model.config._name_or_path = source  # provenance for logs and model cards (never a local cache path)
     return model, _report(model, new, source, revision, kind, arch)
+
+
+def check_image_backbone(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> None:
+    """Refuse, before any data is read, a model that is not an image classifier (only its config is read)."""
+    folder, source = _resolve_folder(name_or_path, revision, cache_dir)
+    config = _read_config(folder, source)
+    if "model_type" in config and not ("architecture" in config and config["model_type"] in (None, "timm_wrapper")):
+        _check_image_classifier(config["model_type"], source)
+
+
+def _check_image_classifier(model_type: str, source: str) -> None:
+    """The image paths (`hf-l2sp train`, `load_backbone`) take image classifiers only: say so for anything else."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        raise ConfigError(
+            f"{source!r} is a {model_type!r} model, not an image classifier: `hf-l2sp train` and load_backbone "
+            "fine-tune image classifiers (timm or transformers). Train text and language models with SPTrainer, "
+            "or SPMixin over TRL's trainers, in your own script (see the Quickstart).")
 
 
 def load_source_classifier(name_or_path: str, revision: str | None = None,

@@ -17,7 +17,8 @@ from ..artefacts.hub import push_output
 from ..artefacts.trainer import SPTrainer
 from ..loading.data import DataArguments, ImageData, load_image_dataset
 from ..loading.metrics import compute_metrics
-from ..loading.models import BackboneReport, data_config_of, load_backbone, set_eval_data_config
+from ..loading.models import BackboneReport, check_image_backbone, data_config_of, load_backbone
+from ..loading.models import set_eval_data_config
 from ..loading.transforms import collate_images, build_transforms, with_transforms
 from ..training.config import SPConfig
 from .options import ModelArguments
@@ -46,6 +47,7 @@ def prepare_run(model_args: ModelArguments, data_args: DataArguments, seed: int,
                 data_seed: int | None = None) -> PreparedRun:
     """Load and check the data (few-shot subset and validation carve drawn with `data_seed`), then the backbone
     with a new head initialised under `seed`: the same seed gives the same head on every process and every run."""
+    check_image_backbone(model_args.model_name_or_path, model_args.model_revision, model_args.cache_dir)
     data = load_image_dataset(data_args, seed=seed if data_seed is None else data_seed)
     set_seed(seed)
     model, report = load_backbone(model_args.model_name_or_path, data.id2label, model_args.model_revision,

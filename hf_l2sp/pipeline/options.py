@@ -11,11 +11,11 @@ from pathlib import Path
 from importlib import resources
 
 import yaml
-from transformers import HfArgumentParser
 
 from ..loading.data import DataArguments
 from ..training.config import SPConfig
 from ..utils.errors import ConfigError
+from .arguments import make_parser, refuse_unknown
 
 
 @dataclass
@@ -40,16 +40,6 @@ ARGUMENT_TYPES = (ModelArguments, DataArguments, SPConfig)
 
 class RecipeError(ConfigError):
     """A recipe file that cannot be used as is."""
-
-
-def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) -> HfArgumentParser:
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
-    parser.add_argument("--config", default=None, help="YAML recipe (a path, or a packaged recipe's name such as "
-                        "offline_lite0_digits_l2sp): keys are the options below; flags override it.")
-    parser.add_argument("--accelerate_config", default=None,
-                        help="Relaunch under `accelerate launch` with this config: a YAML path or a shipped name "
-                             "(single_gpu, multi_gpu, multi_node, fsdp2, zero1, zero2, zero3).")
-    return parser
 
 
 def packaged_recipes() -> dict[str, Path]:
@@ -99,6 +89,7 @@ def parse_with_recipe(dataclass_types: tuple[type, ...], argv: list[str] | None,
     parser = make_parser(dataclass_types, prog, description)
     if known.config:
         parser.set_defaults(**read_recipe(known.config, dataclass_types))
+    refuse_unknown(parser, rest)
     outputs = parser.parse_args_into_dataclasses(args=rest)
     return outputs[: len(dataclass_types)]
 

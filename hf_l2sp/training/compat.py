@@ -56,3 +56,13 @@ def loss_comes_from_model(cls: type, mixin: type) -> bool:
         if "compute_loss" in vars(klass):
             return klass is Trainer
     return False
+
+
+def check_mixin_order(cls: type, mixin: type) -> None:
+    """The SP mixin must come before the Trainer it extends: in `class X(Trainer, SPMixin)` Trainer's __init__ runs
+    first and never reaches the mixin's, so X would train without the penalty, silently."""
+    mro = cls.__mro__
+    before = [c for c in mro[1: mro.index(mixin)] if issubclass(c, Trainer) and not issubclass(c, mixin)]
+    if before:
+        raise TypeError(f"{cls.__name__} puts {before[0].__name__} before the SP mixin, so the penalty would never "
+                        f"run: write class {cls.__name__}(SPMixin, {before[0].__name__}).")

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..anchor.parameters import SPParameters
 from ..loading.model_parts import unwrap_model
+from ..utils.logs import announce
 
 logger = logging.getLogger("hf_l2sp")
 
@@ -15,8 +16,9 @@ logger = logging.getLogger("hf_l2sp")
 def log_coverage(model: nn.Module, sets: SPParameters, state, include: str) -> None:
     """One line: the anchored, new and free shares of the trainable values, the anchor's source and the new tensors.
 
-    A WARNING (visible in a plain script) when a weight penalty leaves more than half the values free, or treats
-    tensors that hold pretrained values as new; otherwise INFO. `state` is the trainer's `PenaltyState`.
+    A WARNING when a weight penalty leaves more than half the values free, or treats tensors that hold pretrained
+    values as new; otherwise INFO, or stderr in a script that set up no logging (`announce`): visible either way.
+    `state` is the trainer's `PenaltyState`.
     """
     new = state.new_tensors
     line = (f"hf_l2sp: {state.regularizer} on {type(unwrap_model(model)).__name__}, {sets.coverage_text()} "
@@ -32,4 +34,4 @@ def log_coverage(model: nn.Module, sets: SPParameters, state, include: str) -> N
     if problems:
         logger.warning("%s. Warning: %s.", line, "; ".join(problems))
     else:
-        logger.info("%s", line)
+        announce(logger, line)

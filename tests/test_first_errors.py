@@ -1,0 +1,123 @@
+"""What a newcomer meets first: one-line errors with exit status 2 that name the fix, a short `--help`, the
+construction line in a plain script, and model cards that say what the run really did."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import Trainer
+
+from hf_l2sp import SPMixin, SPTrainer
+from hf_l2sp.cli import main
+
+from .helpers import sp_config, tensor_dataset, timm_classifier, write_parquet_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def one_line_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_mistyped_flag_is_one_line_naming_the_valid_one(capsys):
+    err = one_line_error(["train", "--config", "offline_lite0_digits_l2sp", "--sp_alpah", "0.1"], capsys)
+    assert "unknown option(s) --sp_alpah" in err and "--sp_alpha?" in err
+
+
+def test_a_bad_value_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--sp_alpha", "abc"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid float value: 'abc'" in err
+
+
+def test_a_text_model_given_to_train_points_to_sptrainer(tmp_path, capsys):
+    from .text_models import save_distilbert_base
+
+    model = save_distilbert_base(tmp_path / "distilbert")
+    data = write_parquet_repo(tmp_path / "data", splits={"train": 6, "test": 3})
+    capsys.readouterr()  # the fixtures' own progress bars
+    err = one_line_error(["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
+                          "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"], capsys)
+    assert "is a 'distilbert' model, not an image classifier" in err and "SPTrainer" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_mixin_after_trainer_is_refused_with_the_right_order():
+    with pytest.raises(TypeError, match=r"write class Wrong\(SPMixin, Trainer\)"):
+        class Wrong(Trainer, SPMixin):
+            pass
+
+    class Right(SPMixin, Trainer):  # and subclasses of a right one stay right
+        pass
+
+    class Sub(SPTrainer):
+        pass
+
+
+def test_help_is_short_with_config_first_and_resume_last(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    assert len(text.splitlines()) < 60 and options[0] == "--config"
+    resume = text[text.index("--resume_from_checkpoint"):]
+    assert "`last`" in resume.split("--push_to_hub")[0]
+    assert "--help-all" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help-all"])
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full and full.index("--config") < full.index("--model_name_or_path")
+
+
+def test_the_construction_line_shows_in_a_plain_script(tmp_path):
+    """No logging set up (a plain script): the anchored / new / free shares and the anchor's source still show."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import torch\nfrom hf_l2sp import SPConfig, SPTrainer\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(3, 3))\n"
+        f"SPTrainer(model=model, args=SPConfig(output_dir={str(tmp_path / 'out')!r}, report_to='none', "
+        "use_cpu=True, sp_head='none'))\n")
+    done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "75.0% anchored, 0.0% new, 25.0% free" in done.stderr and "anchor: snapshot of Sequential" in done.stderr
+
+
+def test_register_feature_regularizer_is_exported():
+    from hf_l2sp import register_feature_regularizer
+    from hf_l2sp.penalties.registry import register_feature_regularizer as defined
+
+    assert register_feature_regularizer is defined
+
+
+def run_card(tmp_path, **overrides) -> tuple[str, dict]:
+    trainer = SPTrainer(model=timm_classifier(), args=sp_config(tmp_path, **overrides),
+                        train_dataset=tensor_dataset(8))
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    return (out / "README.md").read_text(), json.loads((out / "sp_config.json").read_text())
+
+
+def test_an_l2_card_says_the_weights_are_pulled_towards_zero(tmp_path):
+    card, provenance = run_card(tmp_path, regularizer="l2")
+    assert "pulls the weights towards 0" in card and "copied when training started" not in card
+    assert "pulls the weights towards 0" in provenance["anchor"]["source"]
+
+
+def test_card_counts_agree_with_sp_config(tmp_path):
+    """sp_config.json counts the tensors w0 holds; the card counts those the penalty acts on, and says why the two
+    differ (sp_include='weights' leaves biases and norm layers free)."""
+    card, provenance = run_card(tmp_path)
+    anchor = provenance["anchor"]
+    assert anchor["anchored_tensors"] < anchor["tensors"]
+    row = next(line for line in card.splitlines() if line.startswith("| anchored tensors / parameters"))
+    assert f"| {anchor['anchored_tensors']} / " in row and f"w0 holds {anchor['tensors']} tensors" in row
