@@ -87,7 +87,8 @@ def fisher_file(model, reference, folder: Path) -> str:
     gen = torch.Generator().manual_seed(2)
     tensors = {checkpoint_key(n, base_prefix(model)): 0.5 + torch.rand(t.shape, generator=gen)
                for n, t in reference.tensors.items()}
-    return str(save_fisher(FisherDiagonal(tensors, source="deepspeed test"), folder / "fisher.safetensors"))
+    rank = os.environ.get("RANK", "0")  # every rank writes its own copy: one shared file would race
+    return str(save_fisher(FisherDiagonal(tensors, source="deepspeed test"), folder / f"fisher-r{rank}.safetensors"))
 
 
 def config(out: Path, world: int, **overrides) -> SPConfig:

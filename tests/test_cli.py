@@ -141,7 +141,7 @@ def stand_ins(tmp_path_factory):
 def test_every_recipe_runs_as_written(recipe, stand_ins, tmp_path):
     """Each recipe as written (bf16, 8 loader workers, tensorboard, its schedule and augmentation), for 2 steps,
     with only its Hub ids swapped for local stand-ins and `use_cpu` (this machine has no GPU): what
-    `pip install "hf_l2sp[paper]"` users run."""
+    `pip install ".[paper]"` users run."""
     settings = yaml.safe_load(recipe.read_text())
     layout = "train_validation" if settings.get("test_split") == "validation" else "train_test"
     flags = ["--config", str(recipe), "--model_name_or_path", str(stand_ins / "model"),

@@ -52,8 +52,14 @@ def test_readme_is_short_and_opens_with_install_and_both_quick_starts():
     order = [next(i for i, line in enumerate(lines) if line.startswith(h))
              for h in ("## Installation", "## Quick start: images", "## Quick start: text")]
     assert order == sorted(order) and order[0] < 25
-    assert "pip install hf_l2sp" not in README.read_text()
     assert 'pip install -c constraints.txt ".[trl,peft]"' in README.read_text()
+
+
+def test_no_page_installs_from_the_package_index():
+    """The package is not on the index: every install line is from a checkout."""
+    for page in PAGES:
+        text = page.read_text()
+        assert "pip install hf_l2sp" not in text and "hf_l2sp[" not in text, page
 
 
 def test_docs_site_builds_in_strict_mode(tmp_path):

@@ -1,7 +1,7 @@
 """`hf-l2sp search` and `hf-l2sp compare`: every `hf-l2sp train` flag (model, data, `--config` recipe) plus the search.
 
     hf-l2sp search --config offline_lite0_digits_l2sp --output_dir runs/search --search_alpha 0.001,0.01,0.1
-    hf-l2sp search --config ... --n_trials 20 --search_lr 0.003,0.1     (optuna TPE; pip install "hf_l2sp[search]")
+    hf-l2sp search --config ... --n_trials 20 --search_lr 0.003,0.1     (optuna TPE; the search extra)
     hf-l2sp compare --config ... --output_dir runs/compare --regularizers l2,l2_sp --samples_per_class 5,20
 
 Selection reads validation accuracy only; the test split is loaded only by `--final` (search) and by compare's

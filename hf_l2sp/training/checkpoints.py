@@ -20,6 +20,7 @@ from ..anchor.resume import mark_complete, restore_converted_weights, save_ancho
 from ..loading.checkpoint_layout import parameter_layouts
 from ..loading.model_parts import base_prefix
 from ..utils.errors import ConfigError, UserError
+from ..utils.hub import public_name
 from .zero3 import is_partitioned, partition_anchor, whole_parameters
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,20 @@ class CheckpointMixin:
         except (UserError, OSError) as err:
             logger.info("hf_l2sp: could not read an anchor from %s (%s)", source, err)
             return None
+
+    def _anchor_description(self) -> str:
+        """Where w0 comes from, as the card and sp_config.json say it (what the run really did)."""
+        base = public_name(self.base_model())
+        of = f" of {base}" if base else ""
+        if not getattr(self.sp.regularizer, "pulls_to_source", True):
+            return (f"not a target: {self.sp.spec.weight} pulls the weights towards 0 (the pretrained weights{of} "
+                    "are kept to report the drift)")
+        if self.sp.adapters is not None and self.sp.adapters.lora:
+            return f"the frozen base weights{of} (LoRA: the frozen base is the anchor; no copy is kept)"
+        if self.args.sp_reference:
+            revision = f" @ {self.args.sp_reference_revision}" if self.args.sp_reference_revision else ""
+            return f"loaded from {public_name(self.args.sp_reference)}{revision}"
+        return f"the pretrained weights{of}, copied when training started"
 
     def save_feature_state(self, folder: str | Path) -> None:
         """What the feature penalties need to resume or to be reused (e.g. DELTA's channel attention)."""

@@ -32,7 +32,6 @@ from ..loading.new_tensors import find_new_tensors, resized_tensors
 from ..penalties import FeatureContext, PenaltyTerms, Regularizer
 from ..penalties.weight import QuadraticForm
 from ..utils.errors import ConfigError, DivergedError
-from ..utils.hub import public_name
 from .checkpoints import CheckpointMixin
 from .compat import check_mixin_order, check_trainer_hooks, loss_comes_from_model
 from .config import SPArguments, SPConfig
@@ -382,20 +381,6 @@ class PenaltyMixin(CheckpointMixin):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         self._check_penalty_finite()
         return super().save_model(output_dir, _internal_call)
-
-    def _anchor_description(self) -> str:
-        """Where w0 comes from, as the card and sp_config.json say it (what the run really did)."""
-        base = public_name(self.base_model())
-        of = f" of {base}" if base else ""
-        if not getattr(self.sp.regularizer, "pulls_to_source", True):
-            return (f"not a target: {self.sp.spec.weight} pulls the weights towards 0 (the pretrained weights{of} "
-                    "are kept to report the drift)")
-        if self.sp.adapters is not None and self.sp.adapters.lora:
-            return f"the frozen base weights{of} (LoRA: the frozen base is the anchor; no copy is kept)"
-        if self.args.sp_reference:
-            revision = f" @ {self.args.sp_reference_revision}" if self.args.sp_reference_revision else ""
-            return f"loaded from {public_name(self.args.sp_reference)}{revision}"
-        return f"the pretrained weights{of}, copied when training started"
 
     def base_model(self) -> str | None:
         """The model the run started from: the anchor's (kept across resumes), else the model's own name."""

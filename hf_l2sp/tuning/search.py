@@ -105,7 +105,8 @@ def _tpe(options, output_dir, space: SearchSpace, grid, lrs, n_trials, seeds, ba
     try:
         import optuna
     except ImportError as err:
-        raise ImportError("n_trials (TPE) needs optuna: pip install 'hf_l2sp[search]'.") from err
+        raise ImportError("n_trials (TPE) needs optuna: install the search extra "
+                          "(pip install '.[search]' in a checkout).") from err
     from transformers import set_seed
 
     from ..artefacts.trainer import SPTrainer
