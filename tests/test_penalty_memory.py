@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +86,16 @@ def test_every_mode_dtype_and_penalty_allocates_at_most_a_tenth_of_s(measurement
     over = [m for m in measurements if m["extra"] > 0.1 * m["s_bytes"]]
     assert over == [], [f"{m['penalty']} {m['mode']} {m['dtype']}: {m['extra'] / m['s_bytes']:.2f} x S"
                         for m in over]
+
+
+def test_pieces_are_cache_sized_on_a_cpu_and_few_on_an_accelerator():
+    """A GPU waits on kernel launches: there a large set is walked in about PIECES_PER_PASS pieces (each small
+    enough for the memory bound above), on a CPU in cache-sized ones."""
+    from hf_l2sp.penalties.streaming import PIECE_VALUES, PIECES_PER_PASS, piece_budget, pieces
+
+    numels = [50_000_000, 1000, 3]
+    assert piece_budget(numels, torch.device("cpu")) == PIECE_VALUES
+    budget = piece_budget(numels, torch.device("cuda"))
+    assert budget == sum(numels) // PIECES_PER_PASS
+    assert len(list(pieces(numels, budget=budget))) <= PIECES_PER_PASS + 2
+    assert piece_budget([1000], torch.device("cuda")) == PIECE_VALUES  # small sets: never below the CPU size

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .streaming import differences, group_size, pieces, run_backward, segment
+from .streaming import differences, group_size, piece_budget, pieces, run_backward, segment
 
 
 #: Values reduced in fp32 before the partial results are added in float64. Longer rows drift on constant data (a
@@ -86,7 +86,8 @@ class StreamedPenalty(torch.autograd.Function):
         sq_distance = value.clone()
         sizes = [group_size(p) for p in params] if kind == "group" else None
         with torch.no_grad():
-            for piece in pieces([p.numel() for p in params], sizes):
+            numels = [p.numel() for p in params]
+            for piece in pieces(numels, sizes, piece_budget(numels, params[0].device)):
                 diffs = differences(params, anchors, piece)
                 if kind == "group":
                     for (i, _, _), diff in zip(piece, diffs):
@@ -116,17 +117,19 @@ class StreamedPenalty(torch.autograd.Function):
         scale = grad_value.detach().float()
 
         def write(sink) -> None:
-            for piece in pieces([p.numel() for p in params], sizes):
+            numels = [p.numel() for p in params]
+            for piece in pieces(numels, sizes, piece_budget(numels, params[0].device)):
                 diffs = differences(params, anchors, piece)
                 if kind == "absolute":
                     grads = torch._foreach_sign(diffs)
                 elif kind == "group":
                     grads = [_group_gradient(diff, sizes[i]) for (i, _, _), diff in zip(piece, diffs)]
-                elif weights is not None:
-                    grads = torch._foreach_mul(diffs, [c.float() for c in segment(weights, piece)])
                 else:
-                    grads = diffs
-                sink.add(piece, torch._foreach_mul(grads, scale))  # out of place: diffs may be w itself
+                    grads = diffs  # new tensors (`differences`): turned into the gradient in place
+                    if weights is not None:
+                        torch._foreach_mul_(grads, segment(weights, piece))
+                torch._foreach_mul_(grads, scale)
+                sink.add(piece, grads)
 
         grads = run_backward(write, params, ctx.targets, ctx.direct)
         return (None, None, None, None, None, *grads)

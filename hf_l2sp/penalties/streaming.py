@@ -25,16 +25,21 @@ from torch import Tensor
 
 from ..anchor.parameters import cut, local_view
 
-#: Values per piece, at least: 256 Ki values, 1 MiB per fp32 temporary (a few are alive at a time).
+#: Values per piece on a CPU: 256 Ki values, 1 MiB per fp32 temporary, which stays in cache (larger pieces measured
+#: 10-25 % slower on GPT-2 small).
 PIECE_VALUES = 1 << 18
-#: A larger set is walked in about this many pieces: each piece costs a handful of kernel launches, which a GPU waits
-#: on (GPT-2 small in pieces of 256 Ki: 4x the plain step on an H200), while a few fp32 temporaries of 1/128 of the
-#: set stay under 0.1 x its bytes in any dtype.
-PIECES_PER_PASS = 128
+#: On an accelerator a larger set is walked in about this many pieces instead: each piece costs a handful of kernel
+#: launches, which a GPU waits on (GPT-2 small in pieces of 256 Ki: 4x the plain step on an H200). A piece keeps
+#: w - w0 in fp32, changed in place into the gradient, and torch casts mixed-dtype operands through fp32 temporaries
+#: of the piece's size: at 1/96 of the set that stays under 0.1 x its bytes in any dtype.
+PIECES_PER_PASS = 96
 
 
-def piece_budget(numels: list[int]) -> int:
-    """Values per piece for tensors of these sizes: `PIECE_VALUES`, or 1/`PIECES_PER_PASS` of a larger set."""
+def piece_budget(numels: list[int], device: torch.device | None = None) -> int:
+    """Values per piece for tensors of these sizes on `device`: `PIECE_VALUES` on a CPU, else at least that and
+    1/`PIECES_PER_PASS` of the set."""
+    if device is None or torch.device(device).type == "cpu":
+        return PIECE_VALUES
     return max(PIECE_VALUES, sum(numels) // PIECES_PER_PASS)
 
 
@@ -47,10 +52,10 @@ def direct_writes_available() -> bool:
 
 def pieces(numels: list[int], row_sizes: list[int] | None = None,
            budget: int | None = None) -> Iterator[list[tuple[int, int, int]]]:
-    """Pieces of at most `budget` values (default `piece_budget`), as (tensor index, start, end) segments of the
-    flattened tensors: runs of whole tensors, or slices of one larger tensor (cut at whole rows when `row_sizes` are
-    given)."""
-    budget = budget or piece_budget(numels)
+    """Pieces of at most `budget` values (default `PIECE_VALUES`; see `piece_budget`), as (tensor index, start, end)
+    segments of the flattened tensors: runs of whole tensors, or slices of one larger tensor (cut at whole rows when
+    `row_sizes` are given)."""
+    budget = budget or PIECE_VALUES
     piece, size = [], 0
     for i, n in enumerate(numels):
         if n > budget:
@@ -75,11 +80,12 @@ def segment(tensors, piece) -> list[Tensor]:
 
 
 def differences(params, anchors, piece) -> list[Tensor]:
-    """w - a in fp32 for one piece (a = 0 without anchors: then w itself, cast)."""
-    values = [w.detach().float() for w in segment(params, piece)]
-    if anchors is None:
-        return values
-    return torch._foreach_sub(values, [a.float() for a in segment(anchors, piece)])
+    """w - a in fp32 for one piece (a = 0 without anchors: w, cast): new tensors, which the caller may change in
+    place. The anchors are subtracted in place, promoted value by value, so no fp32 copy of them is made."""
+    values = [w.detach().to(torch.float32, copy=True) for w in segment(params, piece)]
+    if anchors is not None:
+        torch._foreach_sub_(values, segment(anchors, piece))
+    return values
 
 
 class GradientSink:
@@ -113,8 +119,7 @@ class GradientSink:
                 view.copy_(grad)
             return
         for (i, start, end), grad in zip(piece, grads):
-            view = self._view(i)[start:end]
-            view.add_(grad.to(view.dtype))
+            self._view(i)[start:end].add_(grad)  # an fp32 gradient into a 16-bit .grad: rounded once, no copy
 
     def finish(self) -> None:
         for grad, collected in self.pending.values():

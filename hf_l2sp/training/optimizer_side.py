@@ -23,7 +23,7 @@ from torch import Tensor
 from ..anchor.parameters import SPParameters, cut, local_view
 from ..penalties.weight import PenaltyTerms, QuadraticForm
 from ..penalties.kernels import sum64
-from ..penalties.streaming import GradientSink, differences, pieces, segment
+from ..penalties.streaming import GradientSink, differences, piece_budget, pieces, segment
 from ..utils.errors import ConfigError
 
 SP_MODES = ("loss", "grad", "decoupled")
@@ -109,20 +109,24 @@ class OptimizerSidePenalty:
         factor = coef * scale if self.mode == "grad" else -group["lr"] * coef
         value = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
         sq_distance = value.clone()
-        for piece in pieces([p.numel() for p in params]):
+        numels = [p.numel() for p in params]
+        for piece in pieces(numels, budget=piece_budget(numels, params[0].device if params else None)):
             diffs = differences(params, anchors, piece)
             if anchors is not None:
                 sq_distance += sum64(diffs, 2)
             if not coef:  # a zero coefficient adds exactly nothing (not even 0 x inf)
                 continue
-            pull = diffs if pull_to_anchor or anchors is None else differences(params, None, piece)
+            if not (pull_to_anchor or anchors is None):  # plain L2: the distance was for the log; pull w to 0
+                del diffs
+                diffs = differences(params, None, piece)
+            pull = diffs  # new tensors (`differences`): turned into the update in place
             if weights is None:
                 value += 0.5 * coef * sum64(pull, 2)
-                update = torch._foreach_mul(pull, factor)
             else:
-                c = [w.float() for w in segment(weights, piece)]
+                c = segment(weights, piece)
                 value += 0.5 * coef * sum64([torch.sqrt(w) * x for w, x in zip(c, pull)], 2)
-                update = torch._foreach_mul(torch._foreach_mul(pull, c), factor)
-            sink.add(piece, update)
+                torch._foreach_mul_(pull, c)
+            torch._foreach_mul_(pull, factor)
+            sink.add(piece, pull)
         sink.finish()
         return torch.stack([value, torch.zeros_like(value), sq_distance])
