@@ -107,3 +107,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def image_run_assets(root, train: int):
+    """A LayerNorm timm CNN checkpoint (no batch statistics) and a parquet image dataset with `train` training
+    images, under `root`: what the multi-process `hf-l2sp train` runs read."""
+    save_timm_folder(root / "model", architecture="test_convnext", num_classes=5)
+    write_parquet_repo(root / "data", splits={"train": train, "validation": 3, "test": 3})
+    return root

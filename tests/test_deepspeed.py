@@ -21,7 +21,7 @@ from hf_l2sp.training.deepspeed_setup import check_deepspeed_launch, deepspeed_c
 from hf_l2sp.training.zero3 import penalty_route
 from hf_l2sp.utils.errors import ConfigError
 
-from .helpers import free_port, save_timm_folder, write_parquet_repo
+from .helpers import free_port, image_run_assets
 
 pytest.importorskip("deepspeed")
 
@@ -137,10 +137,7 @@ def test_zero2_equals_one_process(one_process):
 
 @pytest.fixture(scope="module")
 def image_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepspeed_cli")
-    save_timm_folder(root / "model", architecture="test_convnext", num_classes=5)
-    write_parquet_repo(root / "data", splits={"train": 8, "validation": 3, "test": 3})
-    return root
+    return image_run_assets(tmp_path_factory.mktemp("deepspeed_cli"), train=8)
 
 
 def cli_run(assets: Path, config: str) -> Path:

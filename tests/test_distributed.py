@@ -19,7 +19,7 @@ from hf_l2sp.cli import main
 from hf_l2sp.anchor.resume import COMPLETE_MARKER, last_complete_checkpoint
 from hf_l2sp.training.topology import UnsupportedTopologyError, check_supported
 
-from .helpers import free_port, save_timm_folder, sp_config, tensor_dataset, timm_classifier, write_parquet_repo
+from .helpers import free_port, image_run_assets, sp_config, tensor_dataset, timm_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -28,10 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A LayerNorm CNN (no batch statistics: 1x4 and 2x2 see the same maths) and 4 training images = 1 batch."""
-    root = tmp_path_factory.mktemp("dist")
-    save_timm_folder(root / "model", architecture="test_convnext", num_classes=5)
-    write_parquet_repo(root / "data", splits={"train": 4, "validation": 3, "test": 3})
-    return root
+    return image_run_assets(tmp_path_factory.mktemp("dist"), train=4)
 
 
 def flags(root, out, **overrides):

@@ -55,6 +55,11 @@ def test_readme_is_short_and_opens_with_install_and_both_quick_starts():
     assert 'pip install -c constraints.txt ".[trl,peft]"' in README.read_text()
 
 
+def test_pages_cite_no_issue_numbers_a_reader_cannot_see():
+    for page in [*PAGES, ROOT / "benchmarks" / "README.md"]:
+        assert not re.search(r"\bissues? \d", page.read_text(), flags=re.I), page
+
+
 def test_no_page_installs_from_the_package_index():
     """The package is not on the index: every install line is from a checkout."""
     for page in PAGES:

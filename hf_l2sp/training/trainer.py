@@ -92,6 +92,7 @@ class PenaltyMixin(CheckpointMixin):
 
     def _build_regularizers(self, args: SPArguments) -> None:
         self.sp = self.sp.rebuilt(args, self._given_regularizer)
+        self.sp.where = penalty_route(zero_stage(self.accelerator), args.sp_mode)  # a trial may set sp_mode
 
     # The names users and the artefact side read; all of it lives in `self.sp`.
     regularizer = property(lambda self: self.sp.regularizer)
