@@ -305,6 +305,14 @@ def test_resume_with_a_model_reloaded_from_the_checkpoint_or_another_one_keeps_t
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_an_fsdp_config_that_accelerate_ignores_is_named(monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    with caplog.at_level("WARNING"):
+        check_supported(SimpleNamespace(state=ddp))
+    assert "asks for FSDP, but accelerate runs MULTI_CPU" in caplog.text
+
+
 def test_launched_processes_that_accelerate_runs_alone_are_refused(monkeypatch):
     """Without use_cpu on a machine without a GPU, accelerate runs each launched process alone: refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -314,6 +322,7 @@ def test_launched_processes_that_accelerate_runs_alone_are_refused(monkeypatch):
         check_supported(SimpleNamespace(state=alone))
 
 
+@pytest.mark.slow  # 18 s: it pins accelerate's behaviour, which the unit test of the warning's condition does not
 def test_accelerate_fsdp2_config_on_the_cpu_runs_ddp_and_says_so(assets, single, tmp_path):
     """accelerate (1.15) selects FSDP only for GPU-class devices: on the CPU the shipped fsdp2 config runs DDP. The
     run says so in one warning, and it is still exact (DDP)."""
