@@ -131,9 +131,6 @@ class PartitionedPenalty:
     def detach(self) -> None:
         self.engine.step = self._original_step
 
-    def local_anchor_bytes(self) -> int:
-        return sum(p.anchor.numel() * p.anchor.element_size() for p in self.parts if p.anchor is not None)
-
     @staticmethod
     def _partition(params: SPParameters, form: QuadraticForm, reference: Reference) -> list[_Part]:
         """This rank's part of every penalised tensor, its anchor (and Fisher weights) cut alike."""
@@ -167,7 +164,9 @@ class PartitionedPenalty:
         """Local (value, head value, squared distance), adding the gradient or the decoupled step when `update`."""
         form = self.form
         lr = self._learning_rate() if update and self.mode == "decoupled" else None
-        totals = [torch.zeros((), dtype=torch.float64) for _ in range(3)]  # anchored value, head value, distance^2
+        device = self.parts[0].param.ds_tensor.device if self.parts else None
+        # anchored value, head value, distance^2: float64 on the partitions' device (no host sync per piece)
+        totals = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)]
         by_param: dict[int, list[_Part]] = {}
         for part in self.parts:
             by_param.setdefault(id(part.param), []).append(part)
@@ -186,7 +185,7 @@ class PartitionedPenalty:
                     w = master[lo:hi].float()
                     if not part.new:
                         to_anchor = w - part.anchor[lo:hi].float()
-                        totals[2] = totals[2] + sum64([to_anchor], 2).cpu()
+                        totals[2] = totals[2] + sum64([to_anchor], 2).to(device)
                     if not coef:
                         continue
                     diff = to_anchor if not part.new and form.use_anchors else w
@@ -195,7 +194,7 @@ class PartitionedPenalty:
                     else:
                         c = part.weights[lo:hi].float()
                         pull, value = c * diff, sum64([torch.sqrt(c) * diff], 2)
-                    totals[1 if part.new else 0] = totals[1 if part.new else 0] + 0.5 * coef * value.cpu()
+                    totals[1 if part.new else 0] = totals[1 if part.new else 0] + 0.5 * coef * value.to(device)
                     if target is not None:
                         target[lo:hi] += (-lr * coef if self.mode == "decoupled" else coef) * pull
             if target is not None:
