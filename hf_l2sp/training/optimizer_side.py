@@ -112,16 +112,17 @@ class OptimizerSidePenalty:
         numels = [p.numel() for p in params]
         for piece in pieces(numels, budget=piece_budget(numels, params[0].device if params else None)):
             diffs = differences(params, anchors, piece)
-            if anchors is not None:
-                sq_distance += sum64(diffs, 2)
+            squares = sum64(diffs, 2) if anchors is not None else None
+            if squares is not None:
+                sq_distance += squares
             if not coef:  # a zero coefficient adds exactly nothing (not even 0 x inf)
                 continue
             if not (pull_to_anchor or anchors is None):  # plain L2: the distance was for the log; pull w to 0
                 del diffs
-                diffs = differences(params, None, piece)
+                diffs, squares = differences(params, None, piece), None
             pull = diffs  # new tensors (`differences`): turned into the update in place
             if weights is None:
-                value += 0.5 * coef * sum64(pull, 2)
+                value += 0.5 * coef * (squares if squares is not None else sum64(pull, 2))
             else:
                 c = segment(weights, piece)
                 value += 0.5 * coef * sum64([torch.sqrt(w) * x for w, x in zip(c, pull)], 2)

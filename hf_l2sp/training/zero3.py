@@ -121,6 +121,9 @@ class PartitionedPenalty:
                                "ZeRO-3 with this DeepSpeed. Install the tested one: deepspeed==0.19.8.")
         self.api, self.engine, self.form, self.mode, self.on_terms = ds_utils, engine, form, mode, on_terms
         self.parts = self._partition(params, form, reference)
+        self._by_param: dict[int, list[_Part]] = {}  # a resized tensor has an anchored and a new part
+        for part in self.parts:
+            self._by_param.setdefault(id(part.param), []).append(part)
         self.active = active
         if not callable(getattr(engine, "is_gradient_accumulation_boundary", None)):
             raise RuntimeError("The DeepSpeed engine has no is_gradient_accumulation_boundary(): cannot tell when an "
@@ -167,10 +170,7 @@ class PartitionedPenalty:
         device = self.parts[0].param.ds_tensor.device if self.parts else None
         # anchored value, head value, distance^2: float64 on the partitions' device (no host sync per piece)
         totals = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)]
-        by_param: dict[int, list[_Part]] = {}
-        for part in self.parts:
-            by_param.setdefault(id(part.param), []).append(part)
-        for parts in by_param.values():
+        for parts in self._by_param.values():
             param = parts[0].param
             master = self.api.safe_get_local_fp32_param(param)
             target = None
@@ -183,14 +183,16 @@ class PartitionedPenalty:
                 for lo in range(part.lo, part.hi, PIECE_VALUES):
                     hi = min(part.hi, lo + PIECE_VALUES)
                     w = master[lo:hi].float()
+                    squares = None
                     if not part.new:
                         to_anchor = w - part.anchor[lo:hi].float()
-                        totals[2] = totals[2] + sum64([to_anchor], 2).to(device)
+                        squares = sum64([to_anchor], 2).to(device)
+                        totals[2] = totals[2] + squares
                     if not coef:
                         continue
                     diff = to_anchor if not part.new and form.use_anchors else w
-                    if part.weights is None:
-                        pull, value = diff, sum64([diff], 2)
+                    if part.weights is None:  # l2_sp: the distance's sum of squares is the value's
+                        pull, value = diff, squares if diff is not w and squares is not None else sum64([diff], 2)
                     else:
                         c = part.weights[lo:hi].float()
                         pull, value = c * diff, sum64([torch.sqrt(c) * diff], 2)
