@@ -9,9 +9,10 @@ a. Memory: one fresh process per case (plain Trainer; SPTrainer with 'none'; l2_
    (ru_maxrss) above plain Trainer's, split into the anchor's bytes and the transient rest, which the penalty must
    keep under 0.1 x the bytes of S. Run with MALLOC_MMAP_THRESHOLD_=131072 (set here for the children), so that
    freed large blocks return to the system and the peak follows the live tensors.
-b. Step time: the trainers step in turn in one process (a callback hands the turn on at each step's end, so only
-   one runs at a time and the machine's drift hits all alike), and each round's step time is divided by plain
-   Trainer's in the same round: the paired median ratio and a 95 % interval (order statistics).
+b. Step time: each trainer in its own process, as a user runs it; they step in turn (a callback waits for the turn
+   at each step's start, so only one runs at a time and the machine's drift hits all alike; the order rotates every
+   round), and each round's step time is divided by plain Trainer's in the same round: the paired median ratio and
+   a 95 % interval (order statistics).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,42 +92,56 @@ def table_memory(quick: bool, steps: int) -> None:
                   f"{transient / 2**30:14.3f} {transient / row['s']:6.2f}")
 
 
-def table_speed(quick: bool, rounds: int) -> None:
-    import torch
+def speed_child(name, mode, quick, steps, channel) -> None:
+    """One trainer in its own process (as a user runs it): each step waits for the parent's turn and reports its
+    time."""
     from transformers import TrainerCallback
 
-    names = [("plain", None), ("none", "loss"), ("l2_sp", "loss"), ("l2_sp", "grad")]
-    turn = threading.Condition()
-    state = {"turn": 0}
-    times = {i: [] for i in range(len(names))}
-
     class Turns(TrainerCallback):
-        def __init__(self, index):
-            self.index, self.start = index, 0.0
-
         def on_step_begin(self, args, train_state, control, **kwargs):
-            with turn:
-                turn.wait_for(lambda: state["turn"] == self.index)
+            channel.recv()  # the turn
             self.start = time.perf_counter()
 
         def on_step_end(self, args, train_state, control, **kwargs):
-            times[self.index].append(time.perf_counter() - self.start)
-            with turn:
-                state["turn"] = (self.index + 1) % len(names)
-                turn.notify_all()
+            channel.send(time.perf_counter() - self.start)
 
-    trainers = []
-    for index, (name, mode) in enumerate(names):
-        model, data = model_and_data(quick, "float32")
-        trainers.append(trainer_for(name, mode, model, data, rounds + 2, tempfile.mkdtemp(), [Turns(index)]))
-    threads = [threading.Thread(target=t.train) for t in trainers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    model, data = model_and_data(quick, "float32")
+    trainer = trainer_for(name, mode, model, data, steps, tempfile.mkdtemp(), [Turns()])
+    channel.send("ready")
+    trainer.train()
+
+
+def table_speed(quick: bool, rounds: int) -> None:
+    """The trainers run in separate processes and step in turn, the order rotating every round. Threads in one
+    process would not do: each thread that runs torch gets its own OpenMP team, and with more threads than cores
+    OpenMP stops spinning between parallel regions, which slows code made of many small operations 2-3x."""
+    import multiprocessing
+
+    import torch
+
+    names = [("plain", None), ("none", "loss"), ("l2_sp", "loss"), ("l2_sp", "grad")]
+    context = multiprocessing.get_context("spawn")
+    channels, children = [], []
+    for name, mode in names:
+        mine, theirs = context.Pipe()
+        child = context.Process(target=speed_child, args=(name, mode, quick, rounds + 2, theirs))
+        child.start()
+        channels.append(mine)
+        children.append(child)
+    for channel in channels:
+        assert channel.recv() == "ready"
+    times = {i: [] for i in range(len(names))}
+    for round_ in range(rounds + 2):
+        for k in range(len(names)):
+            index = (round_ + k) % len(names)
+            channels[index].send("go")
+            times[index].append(channels[index].recv())
+    for child in children:
+        child.join()
     plain = times[0][2:]  # two warm-up rounds dropped
-    print(f"\n(b) Step time, trainers stepping in turn, {rounds} rounds (after 2 warm-up rounds), fp32, AdamW, "
-          f"clipping 1.0, {torch.get_num_threads()} threads; plain Trainer median {statistics.median(plain):.3f} s")
+    print(f"\n(b) Step time, one process per trainer stepping in turn (order rotating), {rounds} rounds (after 2 "
+          f"warm-up rounds), fp32, AdamW, clipping 1.0, {torch.get_num_threads()} threads; plain Trainer median "
+          f"{statistics.median(plain):.3f} s")
     print(f"{'case':20s} {'median ratio':>13s} {'95 % interval':>18s}")
     lower, upper = _median_interval_ranks(len(plain))
     for index, (name, mode) in enumerate(names[1:], start=1):

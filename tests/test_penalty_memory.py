@@ -27,6 +27,7 @@ from hf_l2sp.penalties.group_lasso_sp import GroupLassoSP
 from hf_l2sp.penalties.l1_sp import L1SP
 from hf_l2sp.penalties.l2 import L2
 from hf_l2sp.penalties.l2_sp import L2SP
+from hf_l2sp.penalties.none import NoRegularizer
 from hf_l2sp.penalties.weight import QuadraticForm
 from hf_l2sp.training.optimizer_side import OptimizerSidePenalty
 
@@ -53,9 +54,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     cases += [(name, mode, form) for mode in ("grad", "decoupled") for name, form in (
         ("l2_sp", QuadraticForm(0.1, True, None, 0.0)), ("l2", QuadraticForm(0.1, False, None, 0.0)),
         ("l2_sp_fisher", QuadraticForm(0.1, True, fisher, 0.0)))]
+    cases += [("none", "log", NoRegularizer()), ("l2_sp alpha 0", "log", L2SP(0.0, 0.1))]
     for name, mode, penalty in cases:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        if mode == "loss":
+        if mode == "log":  # 'none' and zero coefficients: the distance alone, at logging steps
+            reset(); start = peak()
+            penalty(sets)
+        elif mode == "loss":
             reset(); start = peak()
             penalty(sets).penalty.backward()
         else:
@@ -82,7 +87,7 @@ def measurements(tmp_path_factory):
 
 
 def test_every_mode_dtype_and_penalty_allocates_at_most_a_tenth_of_s(measurements):
-    assert len(measurements) == 3 * 10
+    assert len(measurements) == 3 * 12
     over = [m for m in measurements if m["extra"] > 0.1 * m["s_bytes"]]
     assert over == [], [f"{m['penalty']} {m['mode']} {m['dtype']}: {m['extra'] / m['s_bytes']:.2f} x S"
                         for m in over]

@@ -37,22 +37,63 @@ def _exact_sum_of_norms(tensors: list[Tensor], ord: float) -> Tensor:
 
 def sum64(tensors: list[Tensor], ord: float) -> Tensor:
     """`_exact_sum_of_norms` as a float64 0-d tensor (to keep adding to)."""
-    small = [t for t in tensors if t.numel() <= CHUNK]
-    parts = []
-    if small:
-        parts.append(torch.stack(torch._foreach_norm(small, ord)).double().pow(ord).sum())
-    for t in tensors:
-        if t.numel() <= CHUNK:
-            continue
-        flat = t.reshape(-1)
-        whole = flat.numel() - flat.numel() % CHUNK
-        rows = torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), ord, dim=1)
-        parts.append(rows.double().pow(ord).sum())
-        if whole < flat.numel():
-            parts.append(torch.linalg.vector_norm(flat[whole:], ord).double().pow(ord))
-    if not parts:
-        return torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None)
-    return torch.stack(parts).sum()
+    sums = NormSums(ord)
+    sums.add(tensors)
+    return sums.total(tensors[0].device if tensors else None)
+
+
+class NormSums:
+    """sum ||t||_ord^ord (ord 1 or 2) over tensors added piece by piece: each piece adds the fp32 norms of its rows
+    of CHUNK values (one operation per tensor), and the rows are added in float64 every `FOLD` pieces and at the
+    end, so a pass costs few small operations beside the reading of the values."""
+
+    FOLD = 64
+
+    def __init__(self, ord: float):
+        self.ord, self.rows, self.folded = ord, [], None
+
+    def add(self, tensors: list[Tensor]) -> None:
+        small = [t for t in tensors if t.numel() <= CHUNK]
+        if small:
+            self.rows.append(torch.stack(torch._foreach_norm(small, self.ord)))
+        for t in tensors:
+            if t.numel() <= CHUNK:
+                continue
+            flat = t.reshape(-1)
+            whole = flat.numel() - flat.numel() % CHUNK
+            self.rows.append(torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), self.ord, dim=1))
+            if whole < flat.numel():
+                self.rows.append(torch.linalg.vector_norm(flat[whole:], self.ord).reshape(1))
+        if len(self.rows) >= self.FOLD:
+            self._fold()
+
+    def add_norms(self, norms: Tensor) -> None:
+        """Add rows whose fp32 norms were already taken (group lasso's groups)."""
+        self.rows.append(norms.reshape(-1))
+        if len(self.rows) >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        part = torch.cat(self.rows).double().pow(self.ord).sum()
+        self.folded = part if self.folded is None else self.folded + part
+        self.rows = []
+
+    def total(self, device=None) -> Tensor:
+        """The float64 0-d sum (0 on `device` when nothing was added)."""
+        if self.rows:
+            self._fold()
+        return self.folded if self.folded is not None else torch.zeros((), dtype=torch.float64, device=device)
+
+
+def squared_distance(params: list[Tensor], anchors: list[Tensor]) -> Tensor:
+    """sum ||w - a||^2 over the lists, without a graph, piece by piece: nothing model-sized is allocated."""
+    device = params[0].device if params else None
+    sums = NormSums(2)
+    with torch.no_grad():
+        numels = [p.numel() for p in params]
+        for piece in pieces(numels, budget=piece_budget(numels, device)):
+            sums.add(differences(params, anchors, piece))
+    return sums.total(device).float()
 
 
 def sum_of_squares(tensors: list[Tensor]) -> Tensor:
@@ -82,27 +123,34 @@ class StreamedPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kind: str, anchors, weights, targets, direct: bool, *params: Tensor):
-        value = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        sq_distance = value.clone()
+        device = params[0].device
         sizes = [group_size(p) for p in params] if kind == "group" else None
+        group_value = torch.zeros((), dtype=torch.float64, device=device)
+        squares = NormSums(2)  # sum (w - a)^2: the distance, and the value of an unweighted 'squared'
+        weighted = NormSums(2) if kind == "squared" and weights is not None else None  # sum c (w - a)^2
+        absolutes = NormSums(1) if kind == "absolute" else None
         with torch.no_grad():
             numels = [p.numel() for p in params]
-            for piece in pieces(numels, sizes, piece_budget(numels, params[0].device)):
+            for piece in pieces(numels, sizes, piece_budget(numels, device)):
                 diffs = differences(params, anchors, piece)
                 if kind == "group":
                     for (i, _, _), diff in zip(piece, diffs):
-                        norms = torch.linalg.vector_norm(diff.view(-1, sizes[i]), dim=1).double()
-                        value += math.sqrt(sizes[i]) * norms.sum()
-                        sq_distance += norms.square().sum()
+                        norms = torch.linalg.vector_norm(diff.view(-1, sizes[i]), dim=1)
+                        group_value += math.sqrt(sizes[i]) * norms.double().sum()
+                        squares.add_norms(norms)  # a group's norm is a row's: its square adds to the distance
                     continue
-                squares = sum64(diffs, 2)
-                sq_distance += squares
-                if kind == "absolute":
-                    value += sum64(diffs, 1)
-                elif weights is None:
-                    value += 0.5 * squares
-                else:
-                    value += 0.5 * sum64([torch.sqrt(c) * d for c, d in zip(segment(weights, piece), diffs)], 2)
+                squares.add(diffs)
+                if absolutes is not None:
+                    absolutes.add(diffs)
+                elif weighted is not None:
+                    weighted.add([torch.sqrt(c) * d for c, d in zip(segment(weights, piece), diffs)])
+        sq_distance = squares.total(device)
+        if kind == "group":
+            value = group_value
+        elif absolutes is not None:
+            value = absolutes.total(device)
+        else:
+            value = 0.5 * (weighted or squares).total(device)
         ctx.kind, ctx.anchors, ctx.weights, ctx.targets, ctx.direct, ctx.sizes = (kind, anchors, weights, targets,
                                                                                    direct, sizes)
         ctx.save_for_backward(*params)
@@ -125,11 +173,10 @@ class StreamedPenalty(torch.autograd.Function):
                 elif kind == "group":
                     grads = [_group_gradient(diff, sizes[i]) for (i, _, _), diff in zip(piece, diffs)]
                 else:
-                    grads = diffs  # new tensors (`differences`): turned into the gradient in place
+                    grads = diffs  # new tensors (`differences`): weighted in place
                     if weights is not None:
                         torch._foreach_mul_(grads, segment(weights, piece))
-                torch._foreach_mul_(grads, scale)
-                sink.add(piece, grads)
+                sink.add(piece, grads, scale)
 
         grads = run_backward(write, params, ctx.targets, ctx.direct)
         return (None, None, None, None, None, *grads)

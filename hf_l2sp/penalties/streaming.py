@@ -81,11 +81,17 @@ def segment(tensors, piece) -> list[Tensor]:
 
 def differences(params, anchors, piece) -> list[Tensor]:
     """w - a in fp32 for one piece (a = 0 without anchors: w, cast): new tensors, which the caller may change in
-    place. The anchors are subtracted in place, promoted value by value, so no fp32 copy of them is made."""
-    values = [w.detach().to(torch.float32, copy=True) for w in segment(params, piece)]
+    place. fp32 against fp32 is one subtraction; otherwise w is cast and the anchors are subtracted in place, promoted
+    value by value, so no fp32 copy of them is made."""
+    weights = [w.detach() for w in segment(params, piece)]
     if anchors is not None:
-        torch._foreach_sub_(values, segment(anchors, piece))
-    return values
+        bases = segment(anchors, piece)
+        if all(w.dtype == torch.float32 and a.dtype == torch.float32 for w, a in zip(weights, bases)):
+            return list(torch._foreach_sub(weights, bases))  # one pass per tensor: the step's cost is per op
+        values = [w.to(torch.float32, copy=True) for w in weights]
+        torch._foreach_sub_(values, bases)
+        return values
+    return [w.to(torch.float32, copy=True) for w in weights]
 
 
 class GradientSink:
@@ -113,13 +119,19 @@ class GradientSink:
             self.pending[i] = (grad, torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device))
         return self.pending[i][1].view(-1)
 
-    def add(self, piece, grads: list[Tensor]) -> None:
+    def add(self, piece, grads: list[Tensor], scale: Tensor | float) -> None:
+        """Add `scale` x the piece's fp32 `grads` (a 0-d tensor stays on its device: no host sync on a GPU), in one
+        operation per tensor."""
         if self.returned is not None:
             for view, grad in zip(segment(self.returned, piece), grads):
-                view.copy_(grad)
+                torch.mul(grad, scale, out=view)
             return
         for (i, start, end), grad in zip(piece, grads):
-            self._view(i)[start:end].add_(grad)  # an fp32 gradient into a 16-bit .grad: rounded once, no copy
+            target = self._view(i)[start:end]  # an fp32 gradient into a 16-bit .grad: rounded once, no copy
+            if isinstance(scale, Tensor):
+                target.addcmul_(grad, scale)
+            else:
+                target.add_(grad, alpha=scale)
 
     def finish(self) -> None:
         for grad, collected in self.pending.values():

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import Penalty, check_coefficient
-from .kernels import half_squared_distance, sum_of_squares
+from .kernels import half_squared_distance, squared_distance
 
 if TYPE_CHECKING:
     from ..anchor.adapters import LoraTerm
@@ -21,9 +21,7 @@ def distance_to_anchor(params: SPParameters) -> Tensor:
     from ..anchor.adapters import lora_squared_distance
 
     with torch.no_grad():
-        diffs = torch._foreach_sub([p.detach().float() for p in params.anchored_views()],
-                                   [a.float() for a in params.anchors]) if params.anchored else []
-        squared = sum_of_squares(diffs)
+        squared = squared_distance(params.anchored_views(), params.anchors)
         if params.lora:
             squared = squared + lora_squared_distance(params.lora).to(squared.device)
     return squared.sqrt()

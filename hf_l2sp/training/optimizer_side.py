@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..anchor.parameters import SPParameters, cut, local_view
 from ..penalties.weight import PenaltyTerms, QuadraticForm
-from ..penalties.kernels import sum64
+from ..penalties.kernels import NormSums
 from ..penalties.streaming import GradientSink, differences, piece_budget, pieces, segment
 from ..utils.errors import ConfigError
 
@@ -107,27 +107,31 @@ class OptimizerSidePenalty:
         params = [cut(local_view(p), rows) for p, rows in targets]
         sink = GradientSink(params, targets, True, into_weights=self.mode == "decoupled")
         factor = coef * scale if self.mode == "grad" else -group["lr"] * coef
-        value = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
-        sq_distance = value.clone()
+        squares = NormSums(2)  # sum (w - a)^2, for the log (and the value when unweighted)
+        reuse = anchors is not None and pull_to_anchor and weights is None  # the value is 1/2 coef x the distance
+        values = squares if reuse else NormSums(2)  # sum c x^2, x the pull (w - w0, or w)
         numels = [p.numel() for p in params]
         for piece in pieces(numels, budget=piece_budget(numels, params[0].device if params else None)):
             diffs = differences(params, anchors, piece)
-            squares = sum64(diffs, 2) if anchors is not None else None
-            if squares is not None:
-                sq_distance += squares
+            if anchors is not None:
+                squares.add(diffs)
             if not coef:  # a zero coefficient adds exactly nothing (not even 0 x inf)
                 continue
             if not (pull_to_anchor or anchors is None):  # plain L2: the distance was for the log; pull w to 0
                 del diffs
-                diffs, squares = differences(params, None, piece), None
+                diffs = differences(params, None, piece)
             pull = diffs  # new tensors (`differences`): turned into the update in place
             if weights is None:
-                value += 0.5 * coef * (squares if squares is not None else sum64(pull, 2))
+                if not reuse:
+                    values.add(pull)
             else:
                 c = segment(weights, piece)
-                value += 0.5 * coef * sum64([torch.sqrt(w) * x for w, x in zip(c, pull)], 2)
+                values.add([torch.sqrt(w) * x for w, x in zip(c, pull)])
                 torch._foreach_mul_(pull, c)
-            torch._foreach_mul_(pull, factor)
-            sink.add(piece, pull)
+            sink.add(piece, pull, factor)
         sink.finish()
+        device = params[0].device if params else None
+        sq_distance = squares.total(device) if anchors is not None else torch.zeros((), dtype=torch.float64,
+                                                                                     device=device)
+        value = 0.5 * coef * values.total(device) if coef else torch.zeros_like(sq_distance)
         return torch.stack([value, torch.zeros_like(value), sq_distance])
