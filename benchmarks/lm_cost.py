@@ -1,18 +1,19 @@
 """What L2-SP costs at LLM scale: peak memory beyond the anchor, and the step overhead measured interleaved.
 
-    python benchmarks/lm_cost.py                 # GPT-2-small shape (124 M), about 15 minutes on 2 CPU cores
+    python benchmarks/lm_cost.py                 # GPT-2-small shape (124 M), about 25 minutes on 2 CPU cores
     python benchmarks/lm_cost.py --quick         # a small GPT-2, a couple of minutes
     python benchmarks/lm_cost.py --only memory   # or --only speed
 
 a. Memory: one fresh process per case (plain Trainer; SPTrainer with 'none'; l2_sp in 'loss', 'grad' and
    'decoupled' modes), fp32 and bf16 weights, a few AdamW steps with clipping at 1.0. Peak resident memory
    (ru_maxrss) above plain Trainer's, split into the anchor's bytes and the transient rest, which the penalty must
-   keep under 0.1 x the bytes of S. Run with MALLOC_MMAP_THRESHOLD_=131072 (set here for the children), so that
-   freed large blocks return to the system and the peak follows the live tensors.
+   keep under 0.1 x the bytes of S. Every step logs, so the distance measured for the logs counts too. Run with
+   MALLOC_MMAP_THRESHOLD_=131072 (set here for the children), so that freed large blocks return to the system and
+   the peak follows the live tensors.
 b. Step time: each trainer in its own process, as a user runs it; they step in turn (a callback waits for the turn
    at each step's start, so only one runs at a time and the machine's drift hits all alike; the order rotates every
-   round), and each round's step time is divided by plain Trainer's in the same round: the paired median ratio and
-   a 95 % interval (order statistics).
+   round; the rounds are split over a few sets of fresh processes), and each round's step time is divided by plain
+   Trainer's in the same round: the paired median ratio and a 95 % interval (order statistics).
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ def model_and_data(quick: bool, dtype: str):
     return model, Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
 
 
-def trainer_for(name, mode, model, data, steps, out, callbacks=()):
+def trainer_for(name, mode, model, data, steps, out, callbacks=(), logging_steps=1000):
     from transformers import Trainer, TrainingArguments
 
     from hf_l2sp import SPConfig, SPTrainer
 
     common = dict(output_dir=out, use_cpu=True, report_to="none", save_strategy="no", max_steps=steps,
-                  per_device_train_batch_size=4, max_grad_norm=1.0, logging_steps=1000, disable_tqdm=True,
+                  per_device_train_batch_size=4, max_grad_norm=1.0, logging_steps=logging_steps, disable_tqdm=True,
                   learning_rate=1e-5, dataloader_num_workers=0)
     if name == "plain":
         return Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=list(callbacks))
@@ -64,7 +65,8 @@ def trainer_for(name, mode, model, data, steps, out, callbacks=()):
 def memory_case(name, mode, dtype, quick, steps) -> dict:
     """One case in this (fresh) process: peak RSS after `steps` steps, and the anchor's bytes."""
     model, data = model_and_data(quick, dtype)
-    trainer = trainer_for(name, mode, model, data, steps, tempfile.mkdtemp())
+    # every step logs: the distance to w0 that 'none' measures for the log counts too
+    trainer = trainer_for(name, mode, model, data, steps, tempfile.mkdtemp(), logging_steps=1)
     trainer.train()
     anchor = trainer.sp_reference.local_bytes() if name != "plain" else 0
     s_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.ndim >= 2)
@@ -94,32 +96,36 @@ def table_memory(quick: bool, steps: int) -> None:
 
 def speed_child(name, mode, quick, steps, channel) -> None:
     """One trainer in its own process (as a user runs it): each step waits for the parent's turn and reports its
-    time."""
+    time once the work that follows the step is done. It says it is ready once training has started, and after its
+    last step waits for the parent's word, so that neither its start nor its end overlaps another's measured step."""
     from transformers import TrainerCallback
 
     class Turns(TrainerCallback):
+        elapsed = None
+
+        def on_train_begin(self, args, train_state, control, **kwargs):
+            channel.send("ready")
+
         def on_step_begin(self, args, train_state, control, **kwargs):
+            if self.elapsed is not None:  # the last step's time, sent once its follow-up work is done too
+                channel.send(self.elapsed)
             channel.recv()  # the turn
             self.start = time.perf_counter()
 
         def on_step_end(self, args, train_state, control, **kwargs):
-            channel.send(time.perf_counter() - self.start)
+            self.elapsed = time.perf_counter() - self.start
+            if train_state.global_step == steps:
+                channel.send(self.elapsed)
+                channel.recv()  # the end
 
     model, data = model_and_data(quick, "float32")
-    trainer = trainer_for(name, mode, model, data, steps, tempfile.mkdtemp(), [Turns()])
-    channel.send("ready")
-    trainer.train()
+    trainer_for(name, mode, model, data, steps, tempfile.mkdtemp(), [Turns()]).train()
 
 
-def table_speed(quick: bool, rounds: int) -> None:
-    """The trainers run in separate processes and step in turn, the order rotating every round. Threads in one
-    process would not do: each thread that runs torch gets its own OpenMP team, and with more threads than cores
-    OpenMP stops spinning between parallel regions, which slows code made of many small operations 2-3x."""
+def speed_session(names, quick: bool, rounds: int) -> dict[int, list[float]]:
+    """Fresh processes, one per trainer, stepping in turn for `rounds` rounds after 2 warm-up rounds (dropped)."""
     import multiprocessing
 
-    import torch
-
-    names = [("plain", None), ("none", "loss"), ("l2_sp", "loss"), ("l2_sp", "grad")]
     context = multiprocessing.get_context("spawn")
     channels, children = [], []
     for name, mode in names:
@@ -136,18 +142,39 @@ def table_speed(quick: bool, rounds: int) -> None:
             index = (round_ + k) % len(names)
             channels[index].send("go")
             times[index].append(channels[index].recv())
+    for channel in channels:
+        channel.send("end")
     for child in children:
         child.join()
-    plain = times[0][2:]  # two warm-up rounds dropped
-    print(f"\n(b) Step time, one process per trainer stepping in turn (order rotating), {rounds} rounds (after 2 "
-          f"warm-up rounds), fp32, AdamW, clipping 1.0, {torch.get_num_threads()} threads; plain Trainer median "
-          f"{statistics.median(plain):.3f} s")
+    return {i: t[2:] for i, t in times.items()}
+
+
+def table_speed(quick: bool, rounds: int, sessions: int) -> None:
+    """Each trainer runs in its own process, as a user runs it, and they step in turn, the order rotating every
+    round. Threads in one process would not do: each thread that runs torch gets its own OpenMP team, and with more
+    threads than cores OpenMP stops spinning between parallel regions, which slows code made of many small
+    operations 2-3x. A process also has its own luck (where its memory landed), so the rounds are split over
+    `sessions` sets of fresh processes."""
+    import torch
+
+    names = [("plain", None), ("none", "loss"), ("l2_sp", "loss"), ("l2_sp", "grad")]
+    times = {i: [] for i in range(len(names))}
+    per_session = [rounds // sessions + (k < rounds % sessions) for k in range(sessions)]
+    for session_rounds in per_session:
+        for index, values in speed_session(names, quick, session_rounds).items():
+            times[index].extend(values)
+    plain = times[0]
+    print(f"\n(b) Step time, one process per trainer stepping in turn (order rotating), {rounds} rounds in "
+          f"{sessions} sessions of fresh processes (2 warm-up rounds each, dropped), fp32, AdamW, clipping 1.0, "
+          f"{torch.get_num_threads()} threads; plain Trainer median {statistics.median(plain):.3f} s")
     print(f"{'case':20s} {'median ratio':>13s} {'95 % interval':>18s}")
     lower, upper = _median_interval_ranks(len(plain))
     for index, (name, mode) in enumerate(names[1:], start=1):
-        ratios = sorted(t / p for t, p in zip(times[index][2:], plain))
+        ratios = sorted(t / p for t, p in zip(times[index], plain))
         print(f"{name + ' ' + mode:20s} {statistics.median(ratios) - 1:+13.1%} "
               f"[{ratios[lower] - 1:+.1%}, {ratios[upper] - 1:+.1%}]")
+    print("raw step times (s):", json.dumps({f"{n} {m}": [round(t, 4) for t in times[i]]
+                                             for i, (n, m) in enumerate(names)}))
 
 
 def _median_interval_ranks(n: int) -> tuple[int, int]:
@@ -166,7 +193,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=("memory", "speed"))
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--sessions", type=int, default=3, help="sets of fresh processes the rounds are split over")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,7 +205,7 @@ def main() -> None:
     if args.only in (None, "memory"):
         table_memory(args.quick, args.steps)
     if args.only in (None, "speed"):
-        table_speed(args.quick, args.rounds)
+        table_speed(args.quick, args.rounds, args.sessions)
 
 
 if __name__ == "__main__":
