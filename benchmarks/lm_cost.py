@@ -2,7 +2,7 @@
 
     python benchmarks/lm_cost.py                 # GPT-2-small shape (124 M), about 25 minutes on 2 CPU cores
     python benchmarks/lm_cost.py --quick         # a small GPT-2, a couple of minutes
-    python benchmarks/lm_cost.py --only memory   # or --only speed
+    python benchmarks/lm_cost.py --only memory   # or --only speed, --only share
 
 a. Memory: one fresh process per case (plain Trainer; SPTrainer with 'none'; l2_sp in 'loss', 'grad' and
    'decoupled' modes), fp32 and bf16 weights, a few AdamW steps with clipping at 1.0. Peak resident memory
@@ -14,6 +14,9 @@ b. Step time: each trainer in its own process, as a user runs it; they step in t
    at each step's start, so only one runs at a time and the machine's drift hits all alike; the order rotates every
    round; the rounds are split over a few sets of fresh processes), and each round's step time is divided by plain
    Trainer's in the same round: the paired median ratio and a 95 % interval (order statistics).
+c. The penalty's share of a step: its passes timed where they run, inside the steps of a trainer run as a user runs
+   it (one process), against the same step's time. Steps on a shared machine vary by +-10 % from one to the next,
+   which (b)'s intervals carry; this ratio, taken within each step, does not.
 """
 
 from __future__ import annotations
@@ -177,6 +180,56 @@ def table_speed(quick: bool, rounds: int, sessions: int) -> None:
                                              for i, (n, m) in enumerate(names)}))
 
 
+def share_case(name, mode, quick, steps) -> dict:
+    """In this (fresh) process, as a user runs a trainer: the penalty's own time inside each step (its passes timed
+    where they run), and the step's time, same clock, same step."""
+    from transformers import TrainerCallback
+
+    from hf_l2sp.penalties import kernels
+    from hf_l2sp.training import optimizer_side
+
+    spent = [0.0]
+
+    def timed(function):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return run
+
+    kernels.StreamedPenalty.forward = staticmethod(timed(kernels.StreamedPenalty.forward))
+    write_gradients = kernels.run_backward
+    kernels.run_backward = lambda write, *args: write_gradients(timed(write), *args)
+    optimizer_side.OptimizerSidePenalty._run = timed(optimizer_side.OptimizerSidePenalty._run)
+    rows = []
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, train_state, control, **kwargs):
+            spent[0], self.start = 0.0, time.perf_counter()
+
+        def on_step_end(self, args, train_state, control, **kwargs):
+            rows.append((time.perf_counter() - self.start, spent[0]))
+
+    model, data = model_and_data(quick, "float32")
+    trainer_for(name, mode, model, data, steps, tempfile.mkdtemp(), [Steps()]).train()
+    rows = rows[1:]  # the first step warms up
+    return {"step": statistics.median(r[0] for r in rows), "penalty": statistics.median(r[1] for r in rows),
+            "share": statistics.median(r[1] / r[0] for r in rows)}
+
+
+def table_share(quick: bool, steps: int) -> None:
+    print(f"\n(c) The penalty's own time inside the step, one fresh process per mode, {steps} steps (the first "
+          "dropped), fp32, AdamW, clipping 1.0; medians")
+    print(f"{'case':20s} {'step s':>8s} {'penalty ms':>11s} {'share':>7s}")
+    for name, mode in (("l2_sp", "loss"), ("l2_sp", "grad")):
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(["share", name, mode, quick, steps])],
+                              capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name + ' ' + mode:20s} {row['step']:8.3f} {1000 * row['penalty']:11.1f} {row['share']:7.2%}")
+
+
 def _median_interval_ranks(n: int) -> tuple[int, int]:
     """0-based order statistics bracketing the median with at least 95 % coverage (binomial, p = 1/2)."""
     from math import comb
@@ -192,20 +245,23 @@ def _median_interval_ranks(n: int) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=("memory", "speed"))
+    parser.add_argument("--only", choices=("memory", "speed", "share"))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--sessions", type=int, default=3, help="sets of fresh processes the rounds are split over")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--share-steps", type=int, default=8)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        name, mode, dtype, quick, steps = json.loads(args.child)
-        print(json.dumps(memory_case(name, mode, dtype, quick, steps)))
+        case = json.loads(args.child)
+        print(json.dumps(share_case(*case[1:]) if case[0] == "share" else memory_case(*case)))
         return
     if args.only in (None, "memory"):
         table_memory(args.quick, args.steps)
     if args.only in (None, "speed"):
         table_speed(args.quick, args.rounds, args.sessions)
+    if args.only in (None, "share"):
+        table_share(args.quick, args.share_steps)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ class StreamedPenalty(torch.autograd.Function):
         elif absolutes is not None:
             value = absolutes.total(device)
         else:
-            value = 0.5 * (weighted or squares).total(device)
+            value = 0.5 * (weighted if weighted is not None else squares).total(device)
         ctx.kind, ctx.anchors, ctx.weights, ctx.targets, ctx.direct, ctx.sizes = (kind, anchors, weights, targets,
                                                                                    direct, sizes)
         ctx.save_for_backward(*params)
