@@ -32,14 +32,9 @@ CHUNK = 256
 
 def _exact_sum_of_norms(tensors: list[Tensor], ord: float) -> Tensor:
     """sum over tensors of ||t||_ord^ord (ord 1 or 2), fp32 result, float64 accumulation across rows of CHUNK."""
-    return sum64(tensors, ord).float()
-
-
-def sum64(tensors: list[Tensor], ord: float) -> Tensor:
-    """`_exact_sum_of_norms` as a float64 0-d tensor (to keep adding to)."""
     sums = NormSums(ord)
     sums.add(tensors)
-    return sums.total(tensors[0].device if tensors else None)
+    return sums.total(tensors[0].device if tensors else None).float()
 
 
 class NormSums:

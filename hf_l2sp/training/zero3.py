@@ -35,8 +35,8 @@ from torch import Tensor
 from ..anchor.parameters import SPParameters, rows_numel
 from ..anchor.reference import FlatPartition, Reference
 from ..loading.model_parts import canonical_name, unwrap_model
-from ..penalties.kernels import sum64
-from ..penalties.streaming import PIECE_VALUES
+from ..penalties.kernels import NormSums
+from ..penalties.streaming import piece_budget
 from ..penalties.weight import PenaltyTerms, QuadraticForm
 from ..utils.errors import ConfigError
 
@@ -124,6 +124,8 @@ class PartitionedPenalty:
         self._by_param: dict[int, list[_Part]] = {}  # a resized tensor has an anchored and a new part
         for part in self.parts:
             self._by_param.setdefault(id(part.param), []).append(part)
+        device = self.parts[0].param.ds_tensor.device if self.parts else None
+        self._budget = piece_budget([p.hi - p.lo for p in self.parts], device)  # values per piece, as elsewhere
         self.active = active
         if not callable(getattr(engine, "is_gradient_accumulation_boundary", None)):
             raise RuntimeError("The DeepSpeed engine has no is_gradient_accumulation_boundary(): cannot tell when an "
@@ -164,12 +166,16 @@ class PartitionedPenalty:
 
     @torch.no_grad()
     def apply(self, update: bool) -> PenaltyTerms:
-        """Local (value, head value, squared distance), adding the gradient or the decoupled step when `update`."""
+        """Local (value, head value, squared distance), adding the gradient or the decoupled step when `update`.
+
+        Sums as the other passes take them (`NormSums`: fp32 rows, float64 across, no host sync per piece); for
+        l2_sp the distance's sum of squares is the value's."""
         form = self.form
         lr = self._learning_rate() if update and self.mode == "decoupled" else None
         device = self.parts[0].param.ds_tensor.device if self.parts else None
-        # anchored value, head value, distance^2: float64 on the partitions' device (no host sync per piece)
-        totals = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)]
+        distance = NormSums(2)  # sum (w - w0)^2 over the anchored parts
+        anchored = distance if form.use_anchors and form.weights is None else NormSums(2)  # sum c x^2, x the pull
+        head = NormSums(2)
         for parts in self._by_param.values():
             param = parts[0].param
             master = self.api.safe_get_local_fp32_param(param)
@@ -180,32 +186,36 @@ class PartitionedPenalty:
                 target = self.api.safe_get_local_grad(param).clone()
             for part in parts:
                 coef = form.head_coef if part.new else form.coef
-                for lo in range(part.lo, part.hi, PIECE_VALUES):
-                    hi = min(part.hi, lo + PIECE_VALUES)
+                sums = head if part.new else anchored
+                for lo in range(part.lo, part.hi, self._budget):
+                    hi = min(part.hi, lo + self._budget)
                     w = master[lo:hi].float()
-                    squares = None
                     if not part.new:
-                        to_anchor = w - part.anchor[lo:hi].float()
-                        squares = sum64([to_anchor], 2).to(device)
-                        totals[2] = totals[2] + squares
+                        to_anchor = w - part.anchor[lo:hi]
+                        distance.add([to_anchor])
                     if not coef:
                         continue
-                    diff = to_anchor if not part.new and form.use_anchors else w
-                    if part.weights is None:  # l2_sp: the distance's sum of squares is the value's
-                        pull, value = diff, squares if diff is not w and squares is not None else sum64([diff], 2)
-                    else:
+                    pull = to_anchor if not part.new and form.use_anchors else w
+                    if part.weights is not None:
                         c = part.weights[lo:hi].float()
-                        pull, value = c * diff, sum64([torch.sqrt(c) * diff], 2)
-                    totals[1 if part.new else 0] = totals[1 if part.new else 0] + 0.5 * coef * value.to(device)
+                        sums.add([torch.sqrt(c) * pull])
+                        pull = c * pull
+                    elif sums is not distance:
+                        sums.add([pull])
                     if target is not None:
-                        target[lo:hi] += (-lr * coef if self.mode == "decoupled" else coef) * pull
+                        target[lo:hi].add_(pull, alpha=-lr * coef if self.mode == "decoupled" else coef)
             if target is not None:
                 if self.mode == "decoupled":
                     self.api.safe_set_local_fp32_param(param, target)
                 else:
                     self.api.safe_set_local_grad(param, target)
-        anchored, head, sq_distance = (t.float() for t in totals)
-        return PenaltyTerms(penalty=anchored + head, head_penalty=head, distance=sq_distance.clamp(min=0).sqrt())
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        anchored_value = 0.5 * form.coef * anchored.total(device) if form.coef else zero
+        head_value = 0.5 * form.head_coef * head.total(device) if form.head_coef else zero
+        anchored_value, head_value, sq_distance = (t.float() for t in (anchored_value, head_value,
+                                                                        distance.total(device)))
+        return PenaltyTerms(penalty=anchored_value + head_value, head_penalty=head_value,
+                            distance=sq_distance.clamp(min=0).sqrt())
 
     def _learning_rate(self) -> float:
         rates = set(self.engine.get_lr())
