@@ -104,7 +104,7 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
                data: dict | None, metrics: dict[str, float], drift: dict | None, hyperparameters: dict,
                fisher_source: str | None = None, features=(), label: str | None = None,
                task: str | None = "image-classification", new_tensors: str | None = None,
-               stored_tensors: int | None = None) -> dict[str, Any]:
+               stored_tensors: int | None = None, retention: dict | None = None) -> dict[str, Any]:
     """Everything the template needs, as plain JSON-able values with machine-specific details removed."""
     data = data or {}
     dataset = data.get("dataset")
@@ -152,6 +152,7 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
         "drift_adapters": (drift or {}).get("adapters", []),
         "drift_plot": bool((drift or {}).get("plot")),
         "hyperparameters": hyperparameters,
+        "retention": retention,  # forgetting.report.retention_summary, or None without retention sets
         "versions": versions(),
         "citations": citations,
     }

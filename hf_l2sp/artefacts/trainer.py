@@ -22,6 +22,8 @@ from ..anchor.parameters import full_values
 from ..loading.model_parts import is_peft_model, model_task, unwrap_model
 from ..loading.models import is_timm_wrapper, set_eval_data_config
 from ..loading.transforms import transform_facts
+from ..forgetting.report import save_retention
+from ..forgetting.trainer import RetentionMixin
 from ..training.trainer import PenaltyMixin
 from ..training.zero3 import gathered_values
 from ..utils.errors import ConfigError
@@ -35,7 +37,7 @@ SP_CONFIG_FILE = "sp_config.json"
 logger = logging.getLogger(__name__)
 
 
-class SPMixin(PenaltyMixin):
+class SPMixin(RetentionMixin, PenaltyMixin):
     """Adds the explicit inductive bias (Li et al., ICML 2018) to any `transformers.Trainer` subclass: its training
     loss becomes `task loss + Omega(w)`. Put it first: `class SFTSPTrainer(SPMixin, SFTTrainer)`, with a config that
     includes `SPArguments` (`@dataclass class SFTSPConfig(SPArguments, SFTConfig)`). `SPTrainer` is
@@ -126,7 +128,7 @@ class SPMixin(PenaltyMixin):
                 save_fisher(self.regularizer.fisher, folder / FISHER_FILENAME)
             self.save_feature_state(folder)
             write_text_atomically(folder / SP_CONFIG_FILE, json.dumps(self._sp_provenance(), indent=2))
-            self._render_card(drift).save(folder / "README.md")
+            self._render_card(drift, self._write_retention(folder)).save(folder / "README.md")
         self._artefacts_written = key
 
     def save_merged_model(self, output_dir: str) -> None:
@@ -150,7 +152,16 @@ class SPMixin(PenaltyMixin):
         folder = Path(self.args.output_dir)
         drift_file = folder / DRIFT_JSON
         drift = json.loads(drift_file.read_text()) if drift_file.is_file() else None
-        self._render_card(drift).save(folder / "README.md")
+        self._render_card(drift, self._write_retention(folder)).save(folder / "README.md")
+
+    def _write_retention(self, folder: Path) -> dict | None:
+        """retention.json and forgetting.png from the logs, when the run measures retention sets."""
+        plan = self.retention
+        if plan is None:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        return save_retention(self.state.log_history, plan.measures, folder, plan.kl_set,
+                              self.args.metric_for_best_model, title=f"{folder.name}: {self.regularizer_spec.label}")
 
     def _sp_provenance(self) -> dict:
         return {
@@ -164,7 +175,7 @@ class SPMixin(PenaltyMixin):
                        "anchored_tensors": self.sp_parameters().summary()["anchored_tensors"]},
         }
 
-    def _render_card(self, drift: dict | None):
+    def _render_card(self, drift: dict | None, retention: dict | None = None):
         model = unwrap_model(self.model)
         report = self.backbone_report
         name = Path(self.args.output_dir).name
@@ -180,6 +191,7 @@ class SPMixin(PenaltyMixin):
             fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
             label=self.regularizer_spec.label, task=model_task(model),
             new_tensors=self.sp_reference.new_description, stored_tensors=len(self.sp_reference.tensors),
+            retention=retention,
         ))
 
     def _datasets(self) -> list:

@@ -48,6 +48,9 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--vary_split", action="store_true",
                         help="Each search seed also draws its own training subset and validation carve.")
     parser.add_argument("--workers", type=int, default=1, help="Runs in parallel, one-thread processes.")
+    parser.add_argument("--max_forgetting", type=float, default=None,
+                        help="With --retention_dataset: choose the best target among the settings whose mean "
+                             "forgetting of the retention set is at most this.")
     return parser
 
 
@@ -79,6 +82,16 @@ def _user_facing(run):
         raise ConfigError(str(err)) from err
 
 
+def _front_table(points: list[dict], target: str) -> str:
+    """Both axes of every setting, as printed by search (compare's report.md has its own table)."""
+    lines = [f"setting | {target} | forgetting | on front | within budget"]
+    for p in sorted(points, key=lambda p: p["forgetting"]):
+        value = "" if p["value"] is None else f" {p['value']:g}"
+        lines.append(f"{p['setting']}{value} lr {p['learning_rate']:g} | {p['target']:.4f} | {p['forgetting']:.4f} | "
+                     f"{'yes' if p['on_front'] else 'no'} | {'yes' if p['within_budget'] else 'no'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     def extra(parser):
         parser.add_argument("--final", action="store_true", help="Then train the chosen value and test it once.")
@@ -88,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = _user_facing(lambda: search(
         {**options, "output_dir": str(out / "best")}, out, values=known.search_alpha, n_trials=known.n_trials,
         seeds=known.search_seeds, learning_rates=known.search_lr, vary_split=known.vary_split, final=known.final,
-        workers=known.workers))
+        workers=known.workers, max_forgetting=known.max_forgetting))
     named = " ".join(f"{field} {summary['value']}" for field in summary["fields"]) or "no coefficient"
     print(f"best {summary['regularizer']}: {named} lr {summary['learning_rate']} "
-          f"(mean val accuracy {summary['mean_val_accuracy']:.4f}, decided by {summary['decided_by']}); "
-          f"recipe: {out / 'best.yaml'}")
+          f"(mean val accuracy {summary['mean_val_accuracy']:.4f}, decided by {summary['decided_by']}"
+          + (f"; mean forgetting {summary['mean_forgetting']:.4f}" if summary.get("mean_forgetting") is not None
+             else "") + f"); recipe: {out / 'best.yaml'}")
+    if "front" in summary:
+        print(_front_table(summary["front"], "val accuracy"))
     if "final" in summary:
         print(f"test accuracy of the chosen configuration: {summary['final']['test_accuracy']:.4f}")
     print(json.dumps({k: v for k, v in summary.items() if k != "best_options"}, default=str))
@@ -116,7 +132,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         {**options, "output_dir": str(out / "best")}, out, known.regularizers,
         samples_per_class=known.samples_per_class, final_seeds=known.final_seeds, search_seeds=known.search_seeds,
         learning_rates=known.search_lr, search_lr=known.search_lr is not None, vary_split=known.vary_split,
-        n_trials=known.n_trials, workers=known.workers))
+        n_trials=known.n_trials, workers=known.workers, max_forgetting=known.max_forgetting))
     print((out / "report.md").read_text())
     print(json.dumps(result["results"], default=str))
     return 0

@@ -63,13 +63,24 @@ class DataArguments:
     image_check_workers: int | None = field(
         default=None, metadata={"help": "Processes for the image check; default: up to 4 for splits of 2,000+."}
     )
+    retention_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Retention image set (Hub id or local folder, like dataset_name): what the source model "
+                          "knew. Every evaluation logs eval_retention_forgetting (see sp_retention_measure)."},
+    )
+    retention_split: str | None = field(
+        default=None, metadata={"help": "Split of retention_dataset; default: validation, else test, else train."}
+    )
+    max_retention_samples: int | None = field(
+        default=500, metadata={"help": "Cap on the retention set's size (a seeded sample)."}
+    )
 
     def __post_init__(self):
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}.")
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be in (0, 1); got {self.validation_fraction}.")
-        for name in ("max_train_samples_per_class", "max_eval_samples", "image_size"):
+        for name in ("max_train_samples_per_class", "max_eval_samples", "image_size", "max_retention_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 when set; got {value}.")
@@ -142,11 +153,13 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> ImageData:
     return ImageData(DatasetDict(splits), image_col, label_col, names, description)
 
 
-def load_evaluation_split(args: DataArguments, split: str, seed: int = 42) -> ImageData:
-    """One split as is (no carving, no few-shot subset), checked like training data, as `splits["eval"]`."""
+def load_evaluation_split(args: DataArguments, split: str | None, seed: int = 42) -> ImageData:
+    """One split as is (no carving, no few-shot subset), checked like training data, as `splits["eval"]`.
+    `split` None: validation, else test, else train."""
     if not args.dataset_name:
         raise ConfigError("dataset_name is required: a Hub dataset id or a local folder.")
     raw = _load_raw(args)
+    split = split or _pick_split(raw, None, ("validation", "test", "train"), "split")
     if split not in raw:
         raise ConfigError(f"Split {split!r} not found in {args.dataset_name!r}; splits: {sorted(raw)}.")
     image_col = _image_column(raw[split], args.image_column)

@@ -4,18 +4,19 @@ save and evaluate. `hf-l2sp train`, `demo`, the run engine of `search` / `compar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import set_seed
 
 from ..artefacts.hub import push_output
 from ..artefacts.trainer import SPTrainer
-from ..loading.data import DataArguments, ImageData, load_image_dataset
+from ..loading.data import DataArguments, ImageData, load_evaluation_split, load_image_dataset
 from ..loading.metrics import compute_metrics
 from ..loading.models import BackboneReport, check_image_backbone, data_config_of, load_backbone
 from ..loading.models import set_eval_data_config
@@ -25,6 +26,8 @@ from .options import ModelArguments
 from ..utils.errors import ConfigError, OutputExistsError
 
 logger = logging.getLogger("hf_l2sp.train")
+#: The name `retention_dataset` is measured under: eval_retention_forgetting, ...
+RETENTION_SET = "retention"
 
 
 @dataclass
@@ -35,12 +38,14 @@ class PreparedRun:
     model: nn.Module
     report: BackboneReport
     splits: DatasetDict
+    retention: Dataset | None = None  # retention_dataset's split, transformed for evaluation
 
     def trainer(self, args: SPConfig, **kwargs) -> SPTrainer:
+        retention = {RETENTION_SET: self.retention} if self.retention is not None else None
         return SPTrainer(model=self.model, args=args, train_dataset=self.splits["train"],
                          eval_dataset=self.splits.get("validation"), data_collator=collate_images,
                          compute_metrics=compute_metrics, backbone_report=self.report,
-                         data_description=self.data.description, **kwargs)
+                         data_description=self.data.description, retention_datasets=retention, **kwargs)
 
 
 def prepare_run(model_args: ModelArguments, data_args: DataArguments, seed: int,
@@ -49,12 +54,26 @@ def prepare_run(model_args: ModelArguments, data_args: DataArguments, seed: int,
     with a new head initialised under `seed`: the same seed gives the same head on every process and every run."""
     check_image_backbone(model_args.model_name_or_path, model_args.model_revision, model_args.cache_dir)
     data = load_image_dataset(data_args, seed=seed if data_seed is None else data_seed)
+    retention = _load_retention(data_args, seed)
     set_seed(seed)
     model, report = load_backbone(model_args.model_name_or_path, data.id2label, model_args.model_revision,
                                   model_args.cache_dir)
     transforms = build_transforms(data_config_of(model), data_args.augmentation, data_args.image_size)
     set_eval_data_config(model, transforms.eval_config)  # processors and pipelines reproduce this evaluation
-    return PreparedRun(data, model, report, with_transforms(data, transforms.train, transforms.eval))
+    if retention is not None:
+        retention = with_transforms(retention, transforms.eval, transforms.eval)["eval"]
+    return PreparedRun(data, model, report, with_transforms(data, transforms.train, transforms.eval), retention)
+
+
+def _load_retention(data_args: DataArguments, seed: int) -> ImageData | None:
+    """`retention_dataset`'s split (a seeded sample of at most `max_retention_samples`), checked like the target's
+    images; its labels are the source task's where it has them."""
+    if not data_args.retention_dataset:
+        return None
+    retention_args = dataclasses.replace(
+        data_args, dataset_name=data_args.retention_dataset, dataset_config_name=None, dataset_revision=None,
+        image_column=None, label_column=None, max_eval_samples=data_args.max_retention_samples)
+    return load_evaluation_split(retention_args, data_args.retention_split, seed=seed)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:

@@ -25,10 +25,13 @@ TRAINER_HOOKS = {
     "_get_output_dir": "names the checkpoint folder the anchor goes into",
     "loss_is_scaled_for_ga": "says whether Trainer divides the loss by the accumulation steps",
     "_load_from_checkpoint": "fused expert tensors, which Trainer does not map back on resume, are restored there",
+    "evaluation_loop": "retention sets get their forgetting there",
+    "_prepare_inputs": "retention measures move their batches to the device there",
+    "compute_loss_context_manager": "retention measures run under the evaluation's precision there",
 }
 #: Parameters the overrides pass on.
 TRAINER_PARAMETERS = {"compute_loss": "num_items_in_batch", "save_model": "_internal_call",
-                      "_get_grad_norm": "grad_norm"}
+                      "_get_grad_norm": "grad_norm", "evaluation_loop": "metric_key_prefix"}
 
 
 def check_trainer_hooks(trainer_class: type = Trainer) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..anchor.parameters import INCLUDE_CHOICES
+from ..forgetting.plan import MEASURES, parse_names
 from ..penalties import REGULARIZERS, all_names, registered
 from ..penalties.base import check_coefficient
 from ..penalties.spec import parse_regularizer
@@ -68,6 +69,20 @@ class SPArguments:
             outside gradient clipping (a different method with Adam; equal to `loss` only for plain SGD without
             momentum or clipping). `grad` and `decoupled` need a quadratic regularizer: l2, l2_sp or l2_sp_fisher.
 
+        sp_retention (`str`, *optional*):
+            Comma-separated keys of a dict `eval_dataset` whose sets measure what the starting model knew. At every
+            evaluation each gets `eval_<name>_forgetting`, its metric's change since the start (measured once before
+            the first step; positive is worse), beside Trainer's own metrics. Sets can also be given apart from
+            `eval_dataset` with the trainer's `retention_datasets=`.
+        sp_retention_measure (`str`, defaults to `"auto"`):
+            `loss` (the model's own loss: causal and masked LMs), `agreement` (how often the source head's prediction
+            through the current backbone is the start's), `source_accuracy` (its accuracy on the set's source labels),
+            `cka` (linear CKA between the start's and the current features entering the head) or `auto` (loss for
+            language models, agreement where the checkpoint holds a source head, else cka).
+        sp_retention_kl (`str`, *optional*):
+            A key of `eval_dataset` holding held-out target text: causal LMs log `eval_<name>_kl`, the mean per-token
+            KL(p_start || p) of the starting model's next-token distribution to the current one, computed from the
+            anchor the run holds (no second model; LoRA: the adapters disabled).
         sp_checkpoint_artefacts (`bool`, defaults to `False`):
             Also write the run's artefacts (drift, model card, `sp_config.json`) into every checkpoint. By default
             they are written once, by the final `save_model()` and by `push_to_hub`; checkpoints always hold the
@@ -117,6 +132,20 @@ class SPArguments:
                           "step, before clipping) or 'decoupled' (w <- w - lr*alpha*(w - w0) in the optimizer step, "
                           "outside clipping)."},
     )
+    sp_retention: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated eval_dataset keys that measure retained knowledge: each logs "
+                          "eval_<name>_forgetting (its change since the start; positive is worse)."},
+    )
+    sp_retention_measure: str = field(
+        default="auto",
+        metadata={"help": "How retention sets are measured: auto, loss, agreement, source_accuracy or cka."},
+    )
+    sp_retention_kl: str | None = field(
+        default=None,
+        metadata={"help": "eval_dataset key of held-out target text: log the per-token KL from the starting model "
+                          "(causal LMs)."},
+    )
     sp_checkpoint_artefacts: bool = field(
         default=False,
         metadata={"help": "Also write drift, model card and sp_config.json into every checkpoint (default: only the "
@@ -137,6 +166,10 @@ class SPArguments:
             penalty.check_config(self, selected=penalty.name in spec.names)
         if self.sp_include not in INCLUDE_CHOICES:
             raise ConfigError(f"sp_include must be one of {', '.join(INCLUDE_CHOICES)}; got {self.sp_include!r}.")
+        if self.sp_retention_measure not in MEASURES:
+            raise ConfigError(f"sp_retention_measure must be one of {', '.join(MEASURES)}; got "
+                              f"{self.sp_retention_measure!r}.")
+        parse_names(self.sp_retention, "sp_retention")
         if self.sp_mode not in SP_MODES:
             raise ConfigError(f"sp_mode must be one of {', '.join(SP_MODES)}; got {self.sp_mode!r}.")
         weight = REGULARIZERS[spec.weight]

@@ -95,6 +95,7 @@ def run_trial(trial: Trial) -> dict:
         args.dataloader_drop_last = False  # Trainer applies it to evaluation too: every image must be scored
         val = trainer.evaluate(splits["validation"], metric_key_prefix="val")
         test = trainer.evaluate(splits["test"], metric_key_prefix="test") if trial.evaluate_test else {}
+        retention = _retention_record(trainer, run.retention)
         drift = compute_drift(trainer.model, trainer.sp_reference.tensors,
                               set(trainer.sp_parameters().anchored_names))
     finally:
@@ -114,8 +115,19 @@ def run_trial(trial: Trial) -> dict:
         "drift_layer_names": [row["name"] for row in drift["layers"]],
         "drift_layer_penalised": [row["penalised"] for row in drift["layers"]],
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), **retention,
     }
+
+
+def _retention_record(trainer, retention) -> dict:
+    """The retention set's forgetting at the end of the run (`retention_dataset`), as search and compare read it."""
+    from ..pipeline.finetune import RETENTION_SET
+
+    if retention is None:
+        return {}
+    metrics = trainer.evaluate(retention, metric_key_prefix=f"eval_{RETENTION_SET}")
+    measure = trainer.retention.measures[RETENTION_SET]
+    return {"forgetting": metrics[f"eval_{RETENTION_SET}_forgetting"], "retention_measure": measure}
 
 
 def _head_fingerprint(model) -> str:

@@ -22,13 +22,14 @@ import yaml
 from ..penalties.spec import SearchSpace, search_space
 from ..pipeline.options import parse_options
 from .engine import RUN_CONTROL, Trial, run_trials
+from .front import settings, within_budget, write_front
 from .selection import choose, resolution_note
 from ..utils.errors import ConfigError
 
 logger = logging.getLogger("hf_l2sp.tuning")
 SEARCH_OFFSET = 100  # search seeds are base seed + 100 + k: never the final runs' seeds (base seed + k)
 CSV_FIELDS = ("regularizer", "value", "learning_rate", "seed", "data_seed", "val_accuracy",
-              "val_mean_per_class_accuracy", "val_loss", "val_images", "drift", "train_seconds")
+              "val_mean_per_class_accuracy", "val_loss", "val_images", "drift", "forgetting", "train_seconds")
 
 
 def base_settings(options: dict[str, Any]) -> tuple[str, float, int]:
@@ -39,7 +40,8 @@ def base_settings(options: dict[str, Any]) -> tuple[str, float, int]:
 
 def search(options: dict[str, Any], output_dir: str | Path, *, values: list[float] | None = None,
            n_trials: int | None = None, seeds: int = 1, learning_rates: list[float] | None = None,
-           vary_split: bool = False, final: bool = False, workers: int = 1) -> dict:
+           vary_split: bool = False, final: bool = False, workers: int = 1,
+           max_forgetting: float | None = None) -> dict:
     """Search the regularizer's coefficient for `options` (a recipe-like mapping, as `hf-l2sp train` takes).
 
     values: the grid (default: the regularizer's own, from the registry); n_trials: TPE instead of a grid;
@@ -47,6 +49,11 @@ def search(options: dict[str, Any], output_dir: str | Path, *, values: list[floa
     learning_rates: searched jointly with the value when given. Writes `search.csv` (one row per run),
     `search.png`, `selection.json` and `best.yaml` (a recipe `hf-l2sp train --config` runs as is), and with
     `final` `final.json` (test metrics of the chosen configuration). Returns the summary.
+
+    With a retention set (`retention_dataset` in the options) every run also records its forgetting; plain
+    fine-tuning (`none`) runs beside the grid as the baseline, and `front.csv` / `front.png` put every point on both
+    axes with its Pareto front. `max_forgetting`: the chosen point is the best validation accuracy among the points
+    whose mean forgetting is at most this.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -58,19 +65,30 @@ def search(options: dict[str, Any], output_dir: str | Path, *, values: list[floa
     lrs = sorted(learning_rates) if learning_rates else [base_lr]
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1; got {seeds}.")
+    retention = bool(options.get("retention_dataset"))
+    if max_forgetting is not None and not retention:
+        raise ConfigError("--max_forgetting needs a retention set to measure forgetting on: give "
+                          "--retention_dataset (an image folder or Hub dataset the source model knew).")
     if n_trials is not None and space.fields:
+        if retention:
+            raise ConfigError("n_trials (TPE) maximises validation accuracy alone; with a retention_dataset search "
+                              "a grid (--search_alpha), which measures both axes at every point.")
         rows = _tpe(options, output_dir, space, grid, lrs, n_trials, seeds, base_seed, regularizer)
     else:
         rows = _grid(options, output_dir, space, grid, lrs, seeds, base_seed, vary_split, workers, regularizer)
-    choice = choose_point(rows)
+    choice = choose_point(rows, max_forgetting)
     best_value, best_lr = choice["value"], choice["learning_rate"]
     best = {**options, **space.overrides(best_value), "learning_rate": best_lr}
     _write_csv(rows, output_dir / "search.csv", space.fields)
-    _write_best(best, regularizer, choice, output_dir / "best.yaml", space.fields)
+    _write_best(best, regularizer, {**choice, "max_forgetting": max_forgetting}, output_dir / "best.yaml",
+                space.fields)
     summary = {"regularizer": regularizer, "fields": list(space.fields), "grid": grid, "learning_rates": lrs,
                "seeds": seeds, "method": "tpe" if n_trials is not None and space.fields else "grid", **choice,
-               "best_options": best}
+               "max_forgetting": max_forgetting, "best_options": best}
     plot_search(rows, output_dir / "search.png", regularizer, space.fields)
+    if retention:
+        summary["front"] = _front(options, output_dir, rows, lrs, seeds, base_seed, workers, regularizer,
+                                  max_forgetting)
     if note := resolution_note(choice, regularizer):
         logger.warning("hf_l2sp search: %s", note)
     if final:
@@ -85,6 +103,18 @@ def run_final(options: dict[str, Any], output_dir: Path, seed: int, workers: int
     (record,), _ = run_trials([trial], output_dir, workers, name="final")
     (output_dir / "final.json").write_text(json.dumps(record, indent=1))
     return {k: record[k] for k in ("val_accuracy", "test_accuracy", "test_mean_per_class_accuracy", "drift")}
+
+
+def _front(options, output_dir: Path, rows, lrs, seeds, base_seed, workers, regularizer, max_forgetting) -> list:
+    """Both axes for every point and for plain fine-tuning (`none`, same learning rates and seeds), the front."""
+    trials = [Trial.make({**options, "regularizer": "none", "learning_rate": lr}, seed=base_seed + SEARCH_OFFSET + k,
+                         data_seed=base_seed + SEARCH_OFFSET, fields={"phase": "baseline", "value": None})
+              for lr in lrs for k in range(seeds)] if regularizer != "none" else []
+    baseline, _ = run_trials(trials, output_dir, workers, name="baseline none")
+    points = settings(rows + [{f: r.get(f) for f in CSV_FIELDS} for r in baseline], "val_accuracy")
+    within_budget(points, max_forgetting, "setting")
+    write_front(points, output_dir, "validation accuracy", f"{regularizer}: validation accuracy against forgetting")
+    return points
 
 
 def _grid(options, output_dir, space: SearchSpace, grid, lrs, seeds, base_seed, vary_split, workers, regularizer):
@@ -166,17 +196,24 @@ def _completed(optuna, storage: str, name: str) -> int:
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
-def choose_point(rows: list[dict]) -> dict:
+def choose_point(rows: list[dict], max_forgetting: float | None = None) -> dict:
     """The (value, learning rate) with the best mean validation accuracy over the seeds (`selection.choose`: ties to
     the lower validation loss, then the smaller value and learning rate), with the runner-up margin, the seed spread,
     the choice each seed alone would have made, and whether the validation split resolves the margin. Reads
-    validation results only."""
+    validation results only. `max_forgetting`: among the points whose mean forgetting is at most this."""
     if not rows:
         raise ConfigError("No finished search runs to choose from.")
+    if max_forgetting is not None:
+        kept = within_budget(settings(rows, "val_accuracy"), max_forgetting, "searched setting")
+        allowed = {(p["value"], p["learning_rate"]) for p in kept}
+        rows = [r for r in rows if (r["value"], r["learning_rate"]) in allowed]
     chosen = choose([{**r, "point": (r["value"], r["learning_rate"])} for r in rows], "point")
     choice = {**chosen.as_dict(), "resolved": chosen.resolved}
     (value, lr) = choice.pop("value")
+    chosen_rows = [r["forgetting"] for r in rows if (r["value"], r["learning_rate"]) == (value, lr)
+                   and r.get("forgetting") is not None]
     return {"value": value, "learning_rate": lr, "mean_val_accuracy": choice["mean_val"],
+            "mean_forgetting": statistics.fmean(chosen_rows) if chosen_rows else None,
             "std_val_accuracy": choice["std_val"], "runner_up": choice["runner_up"], "margin": choice["margin"],
             "agreement": choice["agreement"], "seed_choices": choice["split_choices"],
             "decided_by": choice["decided_by"], "val_images": choice["val_images"],
@@ -196,7 +233,9 @@ def _write_csv(rows: list[dict], path: Path, fields: tuple[str, ...]) -> None:
 
 def _write_best(best: dict, regularizer: str, choice: dict, path: Path, fields: tuple[str, ...] = ()) -> None:
     named = "".join(f"{name}={choice['value']} " for name in fields)
-    header = (f"# Chosen by hf-l2sp search on validation accuracy: {regularizer} {named}"
+    budget = ("" if choice.get("max_forgetting") is None
+              else f" among the points with mean forgetting <= {choice['max_forgetting']:g}")
+    header = (f"# Chosen by hf-l2sp search on validation accuracy{budget}: {regularizer} {named}"
               f"learning_rate={choice['learning_rate']} (mean val accuracy {choice['mean_val_accuracy']:.4f}).\n"
               "# Run it with: hf-l2sp train --config best.yaml\n")
     path.write_text(header + yaml.safe_dump(best, sort_keys=False))
