@@ -7,7 +7,7 @@ loaders (`load_backbone`, `load_image_dataset`, transforms, collator, metrics) a
 """
 
 # Layer by layer, in the order data flows (see docs/development.md).
-from .loading.data import DataArguments, load_image_dataset
+from .loading.data import DataArguments, load_evaluation_split, load_image_dataset
 from .loading.metrics import compute_metrics
 from .loading.models import BackboneReport, data_config_of, load_backbone
 from .loading.transforms import build_transforms, collate_images, with_transforms
@@ -43,6 +43,7 @@ __all__ = [
     "estimate_fisher",
     "load_backbone",
     "load_image_dataset",
+    "load_evaluation_split",
     "with_transforms",
     "FisherDiagonal",
     "PenaltyTerms",

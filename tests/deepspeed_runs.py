@@ -37,6 +37,9 @@ CASES = {
     "l2_sp_fisher-loss": dict(regularizer="l2_sp_fisher"),
     "l2-loss": dict(regularizer="l2"),
     "none-loss": dict(regularizer="none"),
+    # a retention set measured at the start and at step 2 (feature CKA through the partitioned model)
+    "none-retention": dict(regularizer="none", sp_retention="held", sp_retention_measure="cka",
+                           eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=2),
 }
 PER_DEVICE_ONE_PROCESS = 4
 
@@ -109,11 +112,12 @@ def train(out: Path, world: int, rank: int, resume: str | None = None, **overrid
         out.mkdir(parents=True, exist_ok=True)
         overrides["sp_fisher"] = fisher_file(model, reference, out)
     full_bytes = reference.local_bytes()
+    held = {"held": dataset().select(range(6))} if overrides.get("sp_retention") else None
     trainer = SPTrainer(model=model, args=config(out, world, **overrides), train_dataset=dataset(),
-                        reference=reference)
+                        eval_dataset=held, reference=reference)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    logs = [entry for entry in trainer.state.log_history if "sp/penalty" in entry]
+    logs = [entry for entry in trainer.state.log_history if "sp/penalty" in entry or "eval_held_cka" in entry]
     (out / f"rank{rank}.json").write_text(json.dumps({"anchor_bytes": trainer.sp_reference.local_bytes(),
                                                       "full_anchor_bytes": full_bytes, "logs": logs}))
     return trainer

@@ -55,13 +55,13 @@ def launched(out: Path, stage: int, cases: str) -> Path:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed") / "one"
-    run([sys.executable, "-m", "tests.deepspeed_runs", str(out), ZERO3_CASES + ",resume"])
+    run([sys.executable, "-m", "tests.deepspeed_runs", str(out), ZERO3_CASES + ",none-retention,resume"])
     return out
 
 
 @pytest.fixture(scope="module")
 def zero3(one_process):
-    return launched(one_process.parent / "zero3", 3, ZERO3_CASES + ",resume,refusals")
+    return launched(one_process.parent / "zero3", 3, ZERO3_CASES + ",none-retention,resume,refusals")
 
 
 def outcome(folder: Path, rank: int = 0):
@@ -86,6 +86,17 @@ def test_zero3_equals_one_process(one_process, zero3, case):
     _, record = outcome(zero3 / case)
     if case != "none-loss":
         assert record["logs"][-1]["sp/penalty"] > 1.0  # the penalty acted
+
+
+def test_zero3_retention_set_equals_one_process(one_process, zero3):
+    """A retention set (feature CKA, measured before the first step and at step 2) under 2 ZeRO-3 processes: the
+    values one process measures, 0 at the start."""
+    logs = [[log for log in outcome(folder / "none-retention")[1]["logs"] if "eval_held_cka" in log]
+            for folder in (one_process, zero3)]
+    assert [log["step"] for log in logs[1]] == [0, 2] and logs[1][0]["eval_held_forgetting"] == 0.0
+    assert logs[1][-1]["eval_held_forgetting"] > 1e-6
+    for key in ("eval_held_cka", "eval_held_forgetting"):
+        assert [log[key] for log in logs[1]] == pytest.approx([log[key] for log in logs[0]], abs=1e-6), key
 
 
 def test_zero3_keeps_half_the_anchor_per_rank(zero3):

@@ -17,10 +17,12 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 #: Each Python block of the README and the docs, by words only it holds, and the test that runs it.
 BLOCKS = {
-    "image quick start": ("load_backbone(", "trainer.train()"),
+    "image quick start": ("load_backbone(", "trainer.train()", "runs/quickstart"),
     "loading": ("timm.create_model(", "pipeline("),
     "text classification": ("AutoModelForSequenceClassification", "DataCollatorWithPadding", "SPTrainer("),
-    "sft": ("SFTSPTrainer(", "SPMixin"),
+    "sft": ("SFTSPTrainer(", "SPMixin", "Qwen/Qwen2.5-0.5B"),
+    "forgetting sft": ("SFTSPTrainer(", "sp_retention_kl"),
+    "forgetting images": ("load_backbone(", "retention_datasets"),
     "compare": ("compare(options", "load_recipe"),
     "lora": ("get_peft_model", "save_merged_model"),
 }
@@ -178,6 +180,28 @@ def test_sft_example_runs_as_written(tmp_path):
     out = run_as_script(python_block(*BLOCKS["sft"]), tmp_path, {'"Qwen/Qwen2.5-0.5B"': repr(local)})
     assert "'anchored_tensors': 6" in out and "'head_tensors': 0" in out
     assert "pipeline_tag: text-generation" in (tmp_path / "runs" / "sft" / "README.md").read_text()
+
+
+def test_forgetting_sft_example_runs_as_written(tmp_path):
+    pytest.importorskip("trl")
+    from .text_models import save_llama_lm
+
+    local = save_llama_lm(tmp_path / "llama")
+    out = run_as_script(python_block(*BLOCKS["forgetting sft"]), tmp_path,
+                        {'"HuggingFaceTB/SmolLM2-135M"': repr(local)})
+    steps = eval(out.strip().splitlines()[-1])
+    assert [step for step, _ in steps] == [0, 2, 4] and steps[0][1] == 0.0 and steps[-1][1] != 0.0
+    card = (tmp_path / "runs" / "forgetting-sft" / "README.md").read_text()
+    assert "| general | loss |" in card and "| target | KL(start ‖ now) per token | 0 |" in card
+    assert (tmp_path / "runs" / "forgetting-sft" / "forgetting.png").is_file()
+
+
+def test_forgetting_image_example_runs_as_written(tmp_path):
+    out = run_as_script(python_block(*BLOCKS["forgetting images"]), tmp_path,
+                        {"num_train_epochs=5": "max_steps=2", "max_eval_samples=200": "max_eval_samples=20"})
+    assert "{'mnist': 'agreement'}" in out
+    card = (tmp_path / "runs" / "forgetting-images" / "README.md").read_text()
+    assert "| mnist | agreement | 1.0000 |" in card
 
 
 def test_compare_example_runs_as_written_as_a_script(tmp_path):

@@ -172,3 +172,59 @@ def test_ties_on_validation_accuracy_go_to_the_lower_validation_loss():
                     for a, acc in ((0.01, 0.70), (0.1, 0.90))], "alpha")
     assert clear.value == 0.1 and clear.decided_by == "validation accuracy" and clear.resolved
     assert resolution_note(clear.as_dict(), "x") is None
+
+
+def test_compare_with_a_retention_set_reports_both_axes_and_picks_within_the_budget(tiny, tmp_path, capsys):
+    """Both axes for every regularizer, the front written, and --max_forgetting choosing the best test accuracy
+    among the regularizers whose mean forgetting is within it (and refusing a budget none meets)."""
+    retention = {"retention_dataset": tiny["clean"], "retention_split": "test"}
+    flags = [x for k, v in options(tiny, output_dir=str(tmp_path / "cli"), **retention).items()
+             for x in (f"--{k}", str(v))]
+    assert main(["compare", *flags, "--regularizers", "none,l2_sp", "--final_seeds", "1",
+                 "--max_forgetting", "1.0"]) == 0
+    out = capsys.readouterr().out
+    fronts = json.loads((tmp_path / "cli" / "compare.json").read_text())["fronts"]["all"]
+    points = {p["setting"]: p for p in fronts["points"]}
+    assert set(points) == {"none", "l2_sp"} and all(0 <= p["forgetting"] <= 1 for p in points.values())
+    finals = [json.loads(p.read_text()) for p in (tmp_path / "cli" / "all" / "runs").glob("*.json")]
+    for name, point in points.items():
+        runs = [r for r in finals if r.get("phase") == "final" and r["regularizer"] == name]
+        assert point["forgetting"] == pytest.approx(sum(r["forgetting"] for r in runs) / len(runs))
+        assert point["target"] == pytest.approx(sum(r["test_accuracy"] for r in runs) / len(runs))
+    best = max(points.values(), key=lambda p: p["target"])  # every one is within a budget of 1
+    assert fronts["best_within_budget"] == best["setting"]
+    assert f"Within --max_forgetting 1, the best test accuracy is `{best['setting']}`" in out
+    assert "forgetting |" in out and (tmp_path / "cli" / "all" / "front.csv").is_file()
+    assert (tmp_path / "cli" / "all" / "front.png").is_file()
+    csv_rows = (tmp_path / "cli" / "all" / "front.csv").read_text().splitlines()
+    assert csv_rows[0] == "setting,value,learning_rate,target,forgetting,n,on_front,within_budget"
+    searched = (tmp_path / "cli" / "all" / "l2_sp" / "front.csv").read_text().splitlines()
+    assert sum(line.startswith("none,") for line in searched) == 1  # plain fine-tuning beside every alpha
+    assert sum(line.startswith("l2_sp,") for line in searched) == len(search_space("l2_sp").grid)
+    # a budget no regularizer meets: one line naming the least forgetting (the runs are cached: no training)
+    assert main(["compare", *flags, "--regularizers", "none,l2_sp", "--final_seeds", "1",
+                 "--max_forgetting", "-1"]) == 2
+    assert "keeps forgetting within --max_forgetting -1: the least forgetting was" in capsys.readouterr().err
+
+
+def test_search_front_includes_the_plain_baseline_and_the_budget_restricts_the_choice():
+    from hf_l2sp.tuning.front import settings, within_budget
+    from hf_l2sp.tuning.search import choose_point
+
+    def row(value, seed, acc, forgetting):
+        return {"regularizer": "l2_sp", "value": value, "learning_rate": 0.01, "seed": seed, "val_accuracy": acc,
+                "forgetting": forgetting}
+
+    rows = [row(0.01, 0, 0.9, 0.30), row(0.01, 1, 0.8, 0.20), row(0.1, 0, 0.8, 0.10), row(0.1, 1, 0.8, 0.10),
+            row(0.3, 0, 0.7, 0.2), row(0.3, 1, 0.7, 0.2), row(1.0, 0, 0.5, 0.01), row(1.0, 1, 0.5, 0.01)]
+    assert choose_point(rows)["value"] == 0.01  # accuracy alone: 0.85
+    chosen = choose_point(rows, max_forgetting=0.2)  # 0.01 forgets 0.25 on average: out
+    assert chosen["value"] == 0.1 and chosen["mean_forgetting"] == pytest.approx(0.1)
+    assert choose_point(rows, max_forgetting=0.05)["value"] == 1.0
+    with pytest.raises(ValueError, match="least forgetting was 0.01 \\(l2_sp 1 lr 0.01\\)"):
+        choose_point(rows, max_forgetting=0.001)
+    points = settings(rows + [{**row(None, 0, 0.86, 0.5), "regularizer": "none"}], "val_accuracy")
+    front = {(p["setting"], p["value"]) for p in points if p["on_front"]}
+    # 0.3 (0.70, 0.20) is dominated by 0.1 (0.80, 0.10); none (0.86, 0.50) gains most and forgets most
+    assert front == {("none", None), ("l2_sp", 0.01), ("l2_sp", 0.1), ("l2_sp", 1.0)}
+    assert [p["within_budget"] for p in within_budget(points, 0.2, "setting")] == [True, True, True]

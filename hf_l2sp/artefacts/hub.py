@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..utils.hub import hub_offline
 from ..utils.errors import MissingFileError, UserError
+from ..utils.secrets import check_upload, tokens_in_use
 
 #: Same exclusions as Trainer.push_to_hub: private files and intermediate checkpoints stay local.
 IGNORE_PATTERNS = ["_*", "checkpoint-*"]
@@ -52,6 +53,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     if not folder.is_dir() or missing or not weights:
         raise MissingFileError(f"{str(folder)!r} is not a finished hf-l2sp output folder (missing: "
                                 f"{', '.join(missing + ([] if weights else ['model.safetensors']))}).")
+    check_upload(folder, IGNORE_PATTERNS, tokens_in_use(token))
     readme = folder / "README.md"
     original = readme.read_text()
     readme.write_text(_card_pointing_at(original, repo_id))  # the card that goes up names the repo

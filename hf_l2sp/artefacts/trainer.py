@@ -28,10 +28,12 @@ from ..training.trainer import PenaltyMixin
 from ..training.zero3 import gathered_values
 from ..utils.errors import ConfigError
 from ..utils.files import write_text_atomically
+from ..utils.secrets import check_upload, tokens_in_use
 from ..utils.version import __version__
 from .card import card_facts, non_default_hyperparameters, render_model_card
 from .drift import DRIFT_JSON, adapter_drift, compute_drift, save_drift
 from .formats import finalize_timm_folder, prepare_config_for_save
+from .hub import IGNORE_PATTERNS
 
 SP_CONFIG_FILE = "sp_config.json"
 logger = logging.getLogger(__name__)
@@ -103,7 +105,19 @@ class SPMixin(RetentionMixin, PenaltyMixin):
 
     def push_to_hub(self, *args, **kwargs):
         self.write_artefacts(self.args.output_dir)  # nothing to do when save_model() just wrote them
+        if self.is_world_process_zero():
+            check_upload(self.args.output_dir, IGNORE_PATTERNS, tokens_in_use(self.args.hub_token,
+                                                                               kwargs.get("token")))
         return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's push at each save (push_to_hub=True): the folders it uploads are scanned for credentials first."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            tokens = tokens_in_use(self.args.hub_token)
+            check_upload(self.args.output_dir, IGNORE_PATTERNS, tokens)
+            if self.args.hub_strategy in ("checkpoint", "all_checkpoints"):
+                check_upload(checkpoint_folder, None, tokens)
+        return super()._push_from_checkpoint(checkpoint_folder)
 
     def write_artefacts(self, output_dir: str | None = None) -> None:
         """Drift, Fisher file, feature-penalty state, `sp_config.json` and the model card, into `output_dir`.

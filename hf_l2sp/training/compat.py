@@ -26,6 +26,7 @@ TRAINER_HOOKS = {
     "loss_is_scaled_for_ga": "says whether Trainer divides the loss by the accumulation steps",
     "_load_from_checkpoint": "fused expert tensors, which Trainer does not map back on resume, are restored there",
     "evaluation_loop": "retention sets get their forgetting there",
+    "_push_from_checkpoint": "the folders pushed at each save are scanned for credentials there",
     "_prepare_inputs": "retention measures move their batches to the device there",
     "compute_loss_context_manager": "retention measures run under the evaluation's precision there",
 }

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from ..penalties.spec import parse_regularizer
 from .deepspeed_setup import check_deepspeed_launch
 from .optimizer_side import SP_MODES
 from ..utils.errors import ConfigError
+from ..utils.secrets import credential_fields
 
 
 @dataclass
@@ -81,7 +83,7 @@ class SPArguments:
             language models, agreement where the checkpoint holds a source head, else cka).
         sp_retention_kl (`str`, *optional*):
             A key of `eval_dataset` holding held-out target text: causal LMs log `eval_<name>_kl`, the mean per-token
-            KL(p_start || p) of the starting model's next-token distribution to the current one, computed from the
+            KL(p_start ‖ p) of the starting model's next-token distribution to the current one, computed from the
             anchor the run holds (no second model; LoRA: the adapters disabled).
         sp_checkpoint_artefacts (`bool`, defaults to `False`):
             Also write the run's artefacts (drift, model card, `sp_config.json`) into every checkpoint. By default
@@ -151,6 +153,25 @@ class SPArguments:
         metadata={"help": "Also write drift, model card and sp_config.json into every checkpoint (default: only the "
                           "final save and the push; checkpoints always keep the anchor and what resuming needs)."},
     )
+    def __getstate__(self):
+        """Pickled (Trainer's training_args.bin, in the output folder and every checkpoint) with its credential
+        fields (hub_token, ...) blanked; the live arguments, and their copies, keep them."""
+        state = dict(self.__dict__)
+        for name in credential_fields(self):
+            state[name] = None
+        return state
+
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
     def __post_init__(self):
         self._validate_sp()
         parent = super()
