@@ -99,6 +99,20 @@ def test_zero3_retention_set_equals_one_process(one_process, zero3):
         assert [log[key] for log in logs[1]] == pytest.approx([log[key] for log in logs[0]], abs=1e-6), key
 
 
+def test_zero3_resume_at_another_world_size_is_refused_before_training(zero3, one_process):
+    """DeepSpeed loads ZeRO partitions only at the world size that saved them: the resume is refused in one line
+    that says how to convert, before any training (it crashed inside DeepSpeed once training began)."""
+    from hf_l2sp.training.resume_checks import check_deepspeed_world_size, deepspeed_world_size
+
+    checkpoint = zero3 / "resume-straight" / "checkpoint-2"
+    assert deepspeed_world_size(checkpoint) == 2
+    check_deepspeed_world_size(checkpoint, 2)
+    with pytest.raises(ConfigError, match=r"on 1 process\(es\): DeepSpeed saved its ZeRO partitions from 2") as err:
+        check_deepspeed_world_size(checkpoint, 1)
+    assert "ds_to_universal" in str(err.value) and "load_universal" in str(err.value) and "\n" not in str(err.value)
+    assert deepspeed_world_size(one_process / "resume-straight" / "checkpoint-2") is None  # no DeepSpeed there
+
+
 def test_zero3_keeps_half_the_anchor_per_rank(zero3):
     for rank in (0, 1):
         _, record = outcome(zero3 / "l2_sp-loss", rank)

@@ -121,3 +121,24 @@ def test_card_counts_agree_with_sp_config(tmp_path):
     assert anchor["anchored_tensors"] < anchor["tensors"]
     row = next(line for line in card.splitlines() if line.startswith("| anchored tensors / parameters"))
     assert f"| {anchor['anchored_tensors']} / " in row and f"w0 holds {anchor['tensors']} tensors" in row
+
+
+def test_a_coefficient_that_is_not_a_number_is_named():
+    from hf_l2sp.utils.errors import ConfigError
+
+    for field in ("sp_alpha", "sp_beta", "sp_bss_eta"):
+        with pytest.raises(ConfigError, match=f"^{field} must be a finite number >= 0, got 'abc'"):
+            sp_config(Path("unused"), **{field: "abc"})
+
+
+def test_a_skipped_drift_figure_is_said_in_a_plain_script(tmp_path):
+    """Without matplotlib the drift figure is skipped with one line, which a plain script (no logging) shows."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import sys\nsys.modules['matplotlib'] = None  # as if not installed\n"
+        "from hf_l2sp.artefacts.drift import save_drift\n"
+        f"save_drift({{'layers': [], 'stages': [], 'total': {{}}}}, {str(tmp_path)!r})\n")
+    done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "matplotlib is not installed; drift.png skipped (drift.json has the numbers)" in done.stderr
+    assert (tmp_path / "drift.json").is_file() and not (tmp_path / "drift.png").exists()

@@ -338,3 +338,12 @@ def test_train_command_measures_a_retention_image_set(tmp_path):
     assert summary["sets"][0]["name"] == "retention" and summary["sets"][0]["measure"] == "agreement"
     assert summary["target"]["metric"] == "eval_accuracy"
     assert "| retention | agreement | 1.0000 |" in (out / "README.md").read_text()
+
+
+def test_source_head_reads_bf16_features_under_mixed_precision(source, tmp_path):
+    """bf16 autocast hands the head bf16 features while the source head kept the checkpoint's fp32 values."""
+    trainer = image_trainer(source, tmp_path, bf16=True)
+    assert trainer.retention.measures == {"source": "agreement"}
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "eval_source_agreement" in log]
+    assert logs[0]["eval_source_agreement"] == 1.0 and 0.0 <= logs[-1]["eval_source_agreement"] <= 1.0

@@ -272,3 +272,14 @@ def test_drift_of_a_peft_model_groups_its_anchored_tensors_by_block(tmp_path, be
     in_block = {row["name"] for row in drift["layers"] if row["stage"] == "bert.encoder.layer.0"}
     assert in_block and all(name.startswith("bert.encoder.layer.0.") for name in in_block)
     assert "bert.encoder.layer.0.attention.self.query.bias" in in_block
+
+
+def test_the_construction_line_says_lora_keeps_no_copy_of_w0(tmp_path, bert_folder, caplog):
+    """The docs say LoRA keeps no copy of w0: the construction line says the same, and names what it does copy
+    (the trained copy of modules_to_save)."""
+    caplog.set_level("INFO", logger="hf_l2sp")
+    trainer = trainer_for(lora_model(bert_folder), tmp_path, bert_folder)
+    line = next(r.getMessage() for r in caplog.records if "anchored" in r.getMessage())
+    copied = len(trainer.sp_reference.tensors)
+    assert "anchor: the frozen base weights (LoRA adapters: no copy of w0)" in line and "snapshot of" not in line
+    assert (f"; {copied} other trainable tensor(s) copied" in line) if copied else ("copied" not in line)

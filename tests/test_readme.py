@@ -54,7 +54,7 @@ def test_readme_is_short_and_opens_with_install_and_both_quick_starts():
     order = [next(i for i, line in enumerate(lines) if line.startswith(h))
              for h in ("## Installation", "## Quick start: images", "## Quick start: text")]
     assert order == sorted(order) and order[0] < 25
-    assert 'pip install -c constraints.txt ".[trl,peft]"' in README.read_text()
+    assert 'pip install -c constraints.txt ".[demo,trl,peft]"' in README.read_text()  # .ci/readme_install runs it
 
 
 def test_pages_cite_no_issue_numbers_a_reader_cannot_see():
@@ -174,11 +174,11 @@ def test_text_classification_example_runs_as_written(tmp_path):
 
 def test_sft_example_runs_as_written(tmp_path):
     pytest.importorskip("trl")
-    from .text_models import save_gpt2_lm
+    from .text_models import save_qwen2_lm
 
-    local = save_gpt2_lm(tmp_path / "gpt2")
+    local = save_qwen2_lm(tmp_path / "qwen2")  # the quick start's family, at a tiny size
     out = run_as_script(python_block(*BLOCKS["sft"]), tmp_path, {'"Qwen/Qwen2.5-0.5B"': repr(local)})
-    assert "'anchored_tensors': 6" in out and "'head_tensors': 0" in out
+    assert "'anchored_tensors': 8" in out and "'head_tensors': 0" in out  # q k v o gate up down + tied embedding
     assert "pipeline_tag: text-generation" in (tmp_path / "runs" / "sft" / "README.md").read_text()
 
 
@@ -228,6 +228,7 @@ def test_lora_example_runs_as_written(tmp_path):
     assert (tmp_path / "runs" / "lora-merged" / "config.json").is_file()
     card = (tmp_path / "runs" / "lora-merged" / "README.md").read_text()
     assert "LoRA on 2 layers" in card
+    assert 'from_pretrained("lora-merged")' in card and 'from_pretrained("lora")' not in card  # the merged folder
     # what the run did: the base is the anchor (no copy), the adapters are counted, and no "no drift" beside them
     assert "the frozen base is the anchor; no copy is kept" in card and "copied when training started" not in card
     assert "| LoRA adapters (their distance to the frozen base) | 2 layers" in card

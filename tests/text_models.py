@@ -69,6 +69,18 @@ def save_gpt2_lm(folder: Path, seed: int = 0) -> str:
     return save_tokenizer(folder)
 
 
+def save_qwen2_lm(folder: Path, seed: int = 0) -> str:
+    """A Qwen2 causal LM checkpoint (the quick start's family: q/k/v biases, tied embeddings)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, bos_token_id=4,
+                         eos_token_id=4, pad_token_id=0, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(str(folder))
+    return save_tokenizer(folder)
+
+
 def save_llama_lm(folder: Path, seed: int = 0) -> str:
     """A Llama causal LM checkpoint (SmolLM2's family) with the word-level tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -125,7 +125,7 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, *, fixed: bool
     checkpoint's weights (`parameter_layouts`, the base-model prefix).
     """
     if not Path(checkpoint).is_dir():
-        raise CheckpointNotFoundError(f"Can't find a checkpoint at {checkpoint!r}: no such folder.")
+        raise CheckpointNotFoundError(f"Can't find a valid checkpoint at {checkpoint}: no such folder.")
     kind = checkpoint_kind(checkpoint)
     if kind == "interrupted":
         last = last_complete_checkpoint(Path(checkpoint).parent)
@@ -148,6 +148,9 @@ def anchor_to_resume(checkpoint: str, current: Reference, device, *, fixed: bool
         if holds_checkpoint_weights(checkpoint, current, layouts, prefix):
             logger.info("hf_l2sp: the model holds %s's weights; the anchor is the stored w0 (resuming never "
                         "re-anchors).", checkpoint)
+        elif not any(f.suffix == ".safetensors" for f in weight_files(Path(checkpoint))):  # nothing to compare
+            logger.info("hf_l2sp: %s holds no safetensors weights to compare the model with; the anchor is the "
+                        "stored w0.", checkpoint)
         else:
             logger.warning("hf_l2sp: the model given holds neither the run's w0 nor %s's weights; Trainer loads the "
                            "checkpoint's weights into it and the anchor is the w0 stored there.", checkpoint)
@@ -244,7 +247,12 @@ def holds_checkpoint_weights(checkpoint: str, current: Reference, layouts: dict[
                 return False
             pieces = {key: where[key][0].get_tensor(where[key][1]) for key in form}
             saved = layout.assemble(form, pieces)
-            if anchored_rows(ours, saved) not in (None, False):  # a resized tensor: its anchor is the first rows
+            part = current.partitions.get(name)
+            if part is not None:  # DeepSpeed ZeRO-3: this rank holds a flat part; compare it with the same part
+                if tuple(saved.shape) != tuple(part.shape):
+                    return False
+                saved = saved.reshape(-1)[part.start: part.start + part.held]
+            elif anchored_rows(ours, saved) not in (None, False):  # a resized tensor: its anchor is the first rows
                 saved = saved[: ours.shape[0]]
             if saved.shape != ours.shape or not torch.equal(saved.to(ours.dtype), ours.detach().cpu()):
                 return False

@@ -104,7 +104,8 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
                data: dict | None, metrics: dict[str, float], drift: dict | None, hyperparameters: dict,
                fisher_source: str | None = None, features=(), label: str | None = None,
                task: str | None = "image-classification", new_tensors: str | None = None,
-               stored_tensors: int | None = None, retention: dict | None = None) -> dict[str, Any]:
+               stored_tensors: int | None = None, retention: dict | None = None,
+               weights_missing: str | None = None) -> dict[str, Any]:
     """Everything the template needs, as plain JSON-able values with machine-specific details removed."""
     data = data or {}
     dataset = data.get("dataset")
@@ -153,6 +154,8 @@ def card_facts(*, model_name: str, repo_id: str, regularizer, sp_summary: dict[s
         "drift_plot": bool((drift or {}).get("plot")),
         "hyperparameters": hyperparameters,
         "retention": retention,  # forgetting.report.retention_summary, or None without retention sets
+        # None, or why the folder has no weights ('deepspeed': ZeRO-3 partitions; 'none'): the card then says so
+        "weights_missing": weights_missing,
         "versions": versions(),
         "citations": citations,
     }

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..anchor.parameters import anchored_rows, rows_view
 from ..loading.model_parts import canonical_name, unwrap_model
 from ..loading.stages import block_modules, stage_modules
+from ..utils.logs import announce
 
 logger = logging.getLogger(__name__)
 DRIFT_JSON = "drift.json"
@@ -105,7 +106,7 @@ def save_drift(drift: dict, folder: str | Path, title: str = "") -> tuple[Path, 
     try:
         import matplotlib
     except ImportError:
-        logger.info("hf_l2sp: matplotlib is not installed; %s skipped (drift.json has the numbers).", DRIFT_PNG)
+        announce(logger, f"hf_l2sp: matplotlib is not installed; {DRIFT_PNG} skipped (drift.json has the numbers).")
         json_path.write_text(json.dumps(drift, indent=2))
         return json_path, None
     drift["plot"] = DRIFT_PNG  # the model card shows the plot only when this is set

@@ -22,6 +22,7 @@ from ..anchor.parameters import full_values
 from ..loading.model_parts import is_peft_model, model_task, unwrap_model
 from ..loading.models import is_timm_wrapper, set_eval_data_config
 from ..loading.transforms import transform_facts
+from ..loading.weights import weight_files
 from ..forgetting.report import save_retention
 from ..forgetting.trainer import RetentionMixin
 from ..training.trainer import PenaltyMixin
@@ -36,6 +37,7 @@ from .formats import finalize_timm_folder, prepare_config_for_save
 from .hub import IGNORE_PATTERNS
 
 SP_CONFIG_FILE = "sp_config.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 logger = logging.getLogger(__name__)
 
 
@@ -142,7 +144,7 @@ class SPMixin(RetentionMixin, PenaltyMixin):
                 save_fisher(self.regularizer.fisher, folder / FISHER_FILENAME)
             self.save_feature_state(folder)
             write_text_atomically(folder / SP_CONFIG_FILE, json.dumps(self._sp_provenance(), indent=2))
-            self._render_card(drift, self._write_retention(folder)).save(folder / "README.md")
+            self._render_card(drift, self._write_retention(folder), folder).save(folder / "README.md")
         self._artefacts_written = key
 
     def save_merged_model(self, output_dir: str) -> None:
@@ -166,7 +168,7 @@ class SPMixin(RetentionMixin, PenaltyMixin):
         folder = Path(self.args.output_dir)
         drift_file = folder / DRIFT_JSON
         drift = json.loads(drift_file.read_text()) if drift_file.is_file() else None
-        self._render_card(drift, self._write_retention(folder)).save(folder / "README.md")
+        self._render_card(drift, self._write_retention(folder), folder).save(folder / "README.md")
 
     def _write_retention(self, folder: Path) -> dict | None:
         """retention.json and forgetting.png from the logs, when the run measures retention sets."""
@@ -189,12 +191,14 @@ class SPMixin(RetentionMixin, PenaltyMixin):
                        "anchored_tensors": self.sp_parameters().summary()["anchored_tensors"]},
         }
 
-    def _render_card(self, drift: dict | None, retention: dict | None = None):
+    def _render_card(self, drift: dict | None, retention: dict | None = None, folder: Path | None = None):
         model = unwrap_model(self.model)
         report = self.backbone_report
-        name = Path(self.args.output_dir).name
+        own = folder is None or Path(folder).resolve() == Path(self.args.output_dir).resolve()
+        name = Path(self.args.output_dir if folder is None else folder).name
+        repo_id = (self.args.hub_model_id if own else None) or name  # another folder (merged weights): its own name
         return render_model_card(card_facts(
-            model_name=name, repo_id=self.args.hub_model_id or name, regularizer=self.regularizer,
+            model_name=name, repo_id=repo_id, regularizer=self.regularizer,
             sp_summary=self.sp_parameters().summary(), include=self.args.sp_include,
             anchor_source=self._anchor_description(),
             base_model=self.base_model(),
@@ -205,7 +209,7 @@ class SPMixin(RetentionMixin, PenaltyMixin):
             fisher_source=self.args.sp_fisher, features=self.feature_regularizers,
             label=self.regularizer_spec.label, task=model_task(model),
             new_tensors=self.sp_reference.new_description, stored_tensors=len(self.sp_reference.tensors),
-            retention=retention,
+            retention=retention, weights_missing=None if folder is None else _weights_missing(folder),
         ))
 
     def _datasets(self) -> list:
@@ -245,6 +249,14 @@ class SPMixin(RetentionMixin, PenaltyMixin):
             elif data is not None and hasattr(data, "__len__"):
                 sizes[split] = len(data)
         return {"num_examples": sizes} if sizes else {}
+
+
+def _weights_missing(folder: Path) -> str | None:
+    """None when `folder` holds weights (a model's, or a PEFT model's adapters); 'deepspeed' when it holds DeepSpeed
+    ZeRO-3 partitions instead (saved without zero3_save_16bit_model); 'none' otherwise."""
+    if weight_files(folder) or any((folder / name).is_file() for name in ADAPTER_FILES):
+        return None
+    return "deepspeed" if any(folder.glob("global_step*")) else "none"
 
 
 class SPTrainer(SPMixin, Trainer):

@@ -30,6 +30,15 @@ from .plan import LANGUAGE_MODEL_TASKS, SOURCE_HEAD_MEASURES, RetentionPlan, par
 logger = logging.getLogger("hf_l2sp")
 
 
+def _through(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The source head on the features, wherever training put them: the head follows their device (a model that
+    FSDP2 or DeepSpeed moved after the head was read) and reads them in its own dtype (bf16 features, fp32 head)."""
+    weight = next(head.parameters())
+    if weight.device != features.device:
+        head.to(features.device)
+    return head(features.to(weight.dtype))
+
+
 class _MeasureStart(TrainerCallback):
     """Before the first step: the start values (one evaluation, logged at step 0), unless a resume restored them."""
 
@@ -249,7 +258,7 @@ class RetentionMixin:
                     with self.compute_loss_context_manager():
                         model(**inputs)
                         if plan.source_head is not None:
-                            source = plan.source_head(captured[0]).argmax(-1)
+                            source = _through(plan.source_head, captured[0]).argmax(-1)
                             predictions.append(self.accelerator.gather_for_metrics(source))
                     features.append(self.accelerator.gather_for_metrics(captured[0].flatten(1).float()))
                     if label is not None:

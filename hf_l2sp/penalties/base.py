@@ -21,7 +21,10 @@ PAPER_CITATION = """@inproceedings{li2018explicit,
 
 
 def check_coefficient(name: str, value: float) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}.") from None
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}.")
     return value

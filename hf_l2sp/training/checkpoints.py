@@ -21,6 +21,7 @@ from ..loading.checkpoint_layout import parameter_layouts
 from ..loading.model_parts import base_prefix
 from ..utils.errors import ConfigError, UserError
 from ..utils.hub import public_name
+from .resume_checks import check_deepspeed_world_size, warn_dropped_state
 from .zero3 import is_partitioned, partition_anchor, whole_parameters
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,16 @@ class CheckpointMixin:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ConfigError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no checkpoint-N "
-                                  "folder that was completely written.")
+                raise ConfigError(f"No valid checkpoint found in output directory ({self.args.output_dir}): "
+                                  "resume_from_checkpoint=True needs a checkpoint-N folder that was completely "
+                                  "written.")
         if resume_from_checkpoint:
             self._restore_anchor(str(resume_from_checkpoint))
+            deepspeed = getattr(self, "is_deepspeed_enabled", False)
+            if deepspeed:
+                check_deepspeed_world_size(resume_from_checkpoint, self.accelerator.num_processes)
+            if self.args.should_save:
+                warn_dropped_state(resume_from_checkpoint, deepspeed)
         self.sp.side_penalty_total, self.sp.side_penalty_steps = 0.0, 0
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         # sp_mode 'grad'/'decoupled': the final train_loss was logged with Omega added (log); return the same.

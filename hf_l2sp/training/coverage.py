@@ -13,6 +13,16 @@ from ..utils.logs import announce
 logger = logging.getLogger("hf_l2sp")
 
 
+def anchor_text(state) -> str:
+    """Where w0 comes from, as the construction line says it: a LoRA model's adapters are anchored to the frozen base
+    itself (no copy); only the trainable tensors outside the adapters (modules_to_save, biases) are copied."""
+    if state.adapters is None or not state.adapters.lora:
+        return state.reference.source
+    copied = len(state.reference.tensors)
+    extra = f"; {copied} other trainable tensor(s) copied when SPTrainer was built" if copied else ""
+    return f"the frozen base weights (LoRA adapters: no copy of w0){extra}"
+
+
 def log_coverage(model: nn.Module, sets: SPParameters, state, include: str) -> None:
     """One line: the anchored, new and free shares of the trainable values, the anchor's source and the new tensors.
 
@@ -22,7 +32,7 @@ def log_coverage(model: nn.Module, sets: SPParameters, state, include: str) -> N
     """
     new = state.new_tensors
     line = (f"hf_l2sp: {state.regularizer} on {type(unwrap_model(model)).__name__}, {sets.coverage_text()} "
-            f"(sp_include={include!r}); anchor: {state.reference.source}; new: {new.describe() if new else '-'}")
+            f"(sp_include={include!r}); anchor: {anchor_text(state)}; new: {new.describe() if new else '-'}")
     acting = state.spec.weight_named and bool(getattr(state.regularizer, "alpha", 0.0))
     problems = []
     if acting and sets.coverage()["free_share"] > 0.5:

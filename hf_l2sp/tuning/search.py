@@ -25,6 +25,7 @@ from .engine import RUN_CONTROL, Trial, run_trials
 from .front import settings, within_budget, write_front
 from .selection import choose, resolution_note
 from ..utils.errors import ConfigError
+from ..utils.logs import announce
 
 logger = logging.getLogger("hf_l2sp.tuning")
 SEARCH_OFFSET = 100  # search seeds are base seed + 100 + k: never the final runs' seeds (base seed + k)
@@ -246,7 +247,7 @@ def plot_search(rows: list[dict], path: Path, regularizer: str, fields: tuple[st
     try:
         import matplotlib
     except ImportError:
-        logger.info("hf_l2sp: matplotlib is not installed; %s skipped.", path.name)
+        announce(logger, f"hf_l2sp: matplotlib is not installed; {path.name} skipped.")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
