@@ -127,10 +127,11 @@ def refusals(out: Path, world: int, rank: int) -> dict[str, str]:
     """The message each configuration ZeRO-3 cannot make exact stops with, at construction."""
     found = {}
     for name, overrides in {"l1_sp": dict(regularizer="l1_sp"), "group_lasso_sp": dict(regularizer="group_lasso_sp"),
-                            "bss": dict(regularizer="l2_sp+bss")}.items():
+                            "bss": dict(regularizer="l2_sp+bss"), "kl": dict(sp_retention_kl="held")}.items():
         try:
             SPTrainer(model=build_model(save_backbone(out / f"backbone-r{rank}")),
-                      args=config(out / name, world, **overrides), train_dataset=dataset())
+                      args=config(out / name, world, **overrides), train_dataset=dataset(),
+                      eval_dataset={"held": dataset()})
             found[name] = "accepted"
         except ConfigError as err:
             found[name] = str(err)

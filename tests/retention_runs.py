@@ -17,6 +17,13 @@ SETUPS = ("single", "ga2", "ddp")
 KEYS = ("eval_general_loss", "eval_general_forgetting", "eval_target_loss", "eval_target_kl")
 
 
+def lora_cases() -> tuple[bool, ...]:
+    """Plain, and LoRA where peft is installed (the lowest-versions environment has none)."""
+    import importlib.util
+
+    return (False, True) if importlib.util.find_spec("peft") else (False,)
+
+
 def run(setup: str, lora: bool, folder: str) -> list[dict]:
     from transformers import GPT2LMHeadModel
 
@@ -50,7 +57,7 @@ def main(setup: str, out: str) -> None:
         raise SystemExit(f"unknown set-up {setup!r}; choose from {SETUPS}")
     rank = int(os.environ.get("RANK", 0))
     with tempfile.TemporaryDirectory() as tmp:
-        results = {lora: run(setup, lora, os.path.join(tmp, str(lora))) for lora in (False, True)}
+        results = {lora: run(setup, lora, os.path.join(tmp, str(lora))) for lora in lora_cases()}
     if rank == 0:
         torch.save(results, out)
 

@@ -152,6 +152,7 @@ def test_zero3_refuses_what_it_cannot_make_exact(zero3):
     assert "quadratic penalties (l2, l2_sp, l2_sp_fisher); 'l1_sp' is not one" in found["l1_sp"]
     assert "'group_lasso_sp' is not one" in found["group_lasso_sp"]
     assert "feature penalties (bss) are not supported" in found["bss"]
+    assert "sp_retention_kl needs the whole anchor beside the model, and DeepSpeed ZeRO-3 shards it" in found["kl"]
 
 
 def test_zero2_equals_one_process(one_process):

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,14 @@ import torch
 from datasets import Dataset
 from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
 
-from hf_l2sp import SPArguments, SPMixin, SPTrainer
+from hf_l2sp import SPTrainer
 from hf_l2sp.forgetting.measures import linear_cka
 from hf_l2sp.loading.models import load_backbone
 from hf_l2sp.utils.errors import ConfigError
 
 from . import retention_runs
 from .helpers import save_timm_folder, sp_config, tensor_dataset, timm_classifier
-from .text_models import SENTENCES, gpt2_config, padded_lm_batch, save_gpt2_lm
+from .text_models import SENTENCES, gpt2_config, padded_lm_batch, save_gpt2_lm, sft_sp_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,9 +118,9 @@ def test_a_plain_run_measures_its_own_forgetting_and_nothing_runs_per_step(gpt2,
 
 
 def test_accumulation_two_processes_and_lora_measure_what_one_process_does(tmp_path):
-    single = retention_runs.run("single", False, str(tmp_path / "a")), retention_runs.run("single", True,
-                                                                                         str(tmp_path / "b"))
-    ga2 = retention_runs.run("ga2", False, str(tmp_path / "c")), retention_runs.run("ga2", True, str(tmp_path / "d"))
+    loras = retention_runs.lora_cases()  # LoRA where peft is installed
+    single = {lora: retention_runs.run("single", lora, str(tmp_path / f"a{lora}")) for lora in loras}
+    ga2 = {lora: retention_runs.run("ga2", lora, str(tmp_path / f"b{lora}")) for lora in loras}
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -129,7 +128,8 @@ def test_accumulation_two_processes_and_lora_measure_what_one_process_does(tmp_p
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     ddp = torch.load(out, weights_only=False)
-    for lora in (False, True):
+    assert set(ddp) == set(loras)
+    for lora in loras:
         reference = single[lora]
         assert [log["step"] for log in reference] == [0, 0, 2, 2]
         assert reference[1]["eval_general_forgetting"] == 0.0 and reference[0]["eval_target_kl"] == 0.0
@@ -291,17 +291,10 @@ def test_auto_measure_and_construction_line(gpt2, source, tmp_path, caplog):
     assert without_source.retention.measures == {"r": "cka"}
 
 
-@dataclass
-class SFTSPConfig(SPArguments, __import__("trl").SFTConfig):
-    pass
-
-
-class SFTSPTrainer(SPMixin, __import__("trl").SFTTrainer):
-    pass
-
-
 def test_sft_trainer_with_retention_sets(gpt2, tmp_path):
     from transformers import AutoTokenizer
+
+    SFTSPConfig, SFTSPTrainer = sft_sp_classes()
 
     args = SFTSPConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, report_to="none", save_strategy="no",
                        max_steps=2, learning_rate=0.5, optim="sgd", per_device_train_batch_size=2, logging_steps=1,

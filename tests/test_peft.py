@@ -4,8 +4,6 @@ A tiny BERT classifier (saved, then loaded as a Hub checkpoint arrives) with LoR
 non-zero, the head in modules_to_save. Every value is checked against the merged weight W = W0 + s B A.
 """
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
@@ -13,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from hf_l2sp import SPTrainer
 
 from .helpers import sp_config
-from .text_models import save_bert_base, save_gpt2_lm, sentiment_dataset
+from .text_models import save_bert_base, save_gpt2_lm, sentiment_dataset, sft_sp_classes
 
 peft = pytest.importorskip("peft")
 
@@ -206,18 +204,10 @@ def test_dora_and_other_adapter_types_are_refused(tmp_path, bert_folder):
 
 def test_sft_trainer_with_lora(tmp_path):
     """SPMixin + TRL's SFTTrainer + a LoRA causal LM (GPT-2's Conv1D layers: PEFT's fan_in_fan_out)."""
-    trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from hf_l2sp import SPArguments, SPMixin
-
-    @dataclass
-    class SFTSPConfig(SPArguments, trl.SFTConfig):
-        pass
-
-    class SFTSPTrainer(SPMixin, trl.SFTTrainer):
-        pass
+    SFTSPConfig, SFTSPTrainer = sft_sp_classes()
 
     folder = save_gpt2_lm(tmp_path / "gpt2")
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder),

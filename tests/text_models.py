@@ -73,24 +73,44 @@ def save_qwen2_lm(folder: Path, seed: int = 0) -> str:
     """A Qwen2 causal LM checkpoint (the quick start's family: q/k/v biases, tied embeddings)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, bos_token_id=4,
-                         eos_token_id=4, pad_token_id=0, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(str(folder))
-    return save_tokenizer(folder)
+    return _save_small_lm(folder, Qwen2Config, Qwen2ForCausalLM, seed)
 
 
 def save_llama_lm(folder: Path, seed: int = 0) -> str:
     """A Llama causal LM checkpoint (SmolLM2's family) with the word-level tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    return _save_small_lm(folder, LlamaConfig, LlamaForCausalLM, seed)
+
+
+def _save_small_lm(folder: Path, config_class, model_class, seed: int) -> str:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, bos_token_id=4,
-                         eos_token_id=4, pad_token_id=0, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(str(folder))
+    config = config_class(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, bos_token_id=4,
+                          eos_token_id=4, pad_token_id=0, tie_word_embeddings=True)
+    model_class(config).save_pretrained(str(folder))
     return save_tokenizer(folder)
+
+
+def sft_sp_classes():
+    """`SPArguments` over TRL's `SFTConfig` and `SPMixin` over its `SFTTrainer`, as the docs declare them (the test
+    is skipped without trl)."""
+    from dataclasses import dataclass
+
+    import pytest
+
+    from hf_l2sp import SPArguments, SPMixin
+
+    trl = pytest.importorskip("trl")
+
+    @dataclass
+    class SFTSPConfig(SPArguments, trl.SFTConfig):
+        pass
+
+    class SFTSPTrainer(SPMixin, trl.SFTTrainer):
+        pass
+
+    return SFTSPConfig, SFTSPTrainer
 
 
 def padded_lm_batch(lengths=(8, 2, 3, 8), seed: int = 0) -> Dataset:

@@ -148,15 +148,15 @@ class RetentionMixin:
         return head, note if head is not None else note
 
     def _check_kl_possible(self, model, task: str | None, kl_set: str) -> None:
-        if task != "text-generation":
-            raise ConfigError(f"sp_retention_kl is the KL between the starting and the current next-token "
-                              f"distributions, for causal language models; {type(unwrap_model(model)).__name__} is "
-                              f"a {task or 'model of another kind'}. Use sp_retention for its retention sets.")
         engine = ("FSDP" if getattr(self, "is_fsdp_enabled", False) else
                   "DeepSpeed ZeRO-3" if self.sp.zero3 else None)
         if engine:
             raise ConfigError(f"sp_retention_kl needs the whole anchor beside the model, and {engine} shards it: "
                               "measure the KL in a run without sharding (DDP, ZeRO-1/2), or drop sp_retention_kl.")
+        if task != "text-generation":
+            raise ConfigError(f"sp_retention_kl is the KL between the starting and the current next-token "
+                              f"distributions, for causal language models; {type(unwrap_model(model)).__name__} is "
+                              f"a {task or 'model of another kind'}. Use sp_retention for its retention sets.")
         missing = swappable(model, self.sp.reference.tensors)
         if missing:
             raise ConfigError(f"sp_retention_kl rebuilds the starting model from the anchor, which has no start "
