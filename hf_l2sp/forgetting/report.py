@@ -86,17 +86,25 @@ def plot_forgetting(log_history: list[dict], summary: dict, path: Path, title: s
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+
+    def curve(ax, key, **style):
+        """The evaluations during training as a line; a later evaluation at the last step (the saved model after
+        load_best_model_at_end, say) as a star."""
+        series = _series(log_history, key)
+        during = list({step: (step, value) for step, value in reversed(series)}.values())[::-1]
+        line = ax.plot(*zip(*during), ms=3, **style)[0]
+        if len(series) > len(during):
+            ax.scatter([series[-1][0]], [series[-1][1]], marker="*", s=60, color=line.get_color(), zorder=3)
+
     if summary["target"] is not None:
-        steps, values = zip(*_series(log_history, summary["target"]["metric"]))
-        left.plot(steps, values, marker="o", ms=3, color="k")
+        curve(left, summary["target"]["metric"], marker="o", color="k")
         left.set_ylabel(summary["target"]["metric"])
-    left.set_title("target", fontsize=9)
+    left.set_title("target (star: the saved model, when evaluated again)", fontsize=9)
     for row in summary["sets"]:
-        steps, values = zip(*_series(log_history, f"eval_{row['name']}_forgetting"))
-        right.plot(steps, values, marker="o", ms=3, label=f"{row['name']} ({row['measure']})")
+        curve(right, f"eval_{row['name']}_forgetting", marker="o", label=f"{row['name']} ({row['measure']})")
     if summary["kl"] is not None:
-        steps, values = zip(*_series(log_history, f"eval_{summary['kl']['name']}_kl"))
-        right.plot(steps, values, marker="s", ms=3, ls="--", label=f"KL to start on {summary['kl']['name']}")
+        curve(right, f"eval_{summary['kl']['name']}_kl", marker="s", ls="--",
+              label=f"KL to start on {summary['kl']['name']}")
     right.axhline(0.0, color="0.7", lw=0.8)
     right.set_ylabel("forgetting (0 at the start; > 0 is worse)")
     right.set_title("retention sets", fontsize=9)

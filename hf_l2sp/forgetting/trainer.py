@@ -94,7 +94,9 @@ class RetentionMixin:
         head_name = self.sp.head_modules[0] if self.sp.head_modules else None
         source, note = (None, "no source head is read for a model without a task head")
         asked = args.sp_retention_measure
-        if head_name and not language_model and asked in ("auto", *SOURCE_HEAD_MEASURES) and sets:
+        if self.sp.zero3:
+            note = "DeepSpeed ZeRO-3 partitions the head, so no copy of the source head is kept beside it"
+        elif head_name and not language_model and asked in ("auto", *SOURCE_HEAD_MEASURES) and sets:
             source, note = self._read_source_head(model, head_name)
         measures = {name: resolve_measure(asked, language_model, head_name is not None, source is not None, note)
                     for name in sets}
