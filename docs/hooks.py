@@ -20,6 +20,25 @@ def field_descriptions() -> dict[str, str]:
     return {name: " ".join(line.strip() for line in body.strip().splitlines()) for name, body in entries}
 
 
+def table_text(text: str) -> str:
+    """A description as a table cell: `|` as its HTML entity (a raw one splits the cell), `*` and `_` escaped
+    outside code spans (a formula such as lr*alpha*(w - w0) is not emphasis)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    out = []
+    for part in parts:
+        if part.startswith("`"):
+            out.append(table_code(part[1:-1]))
+        else:
+            out.append(part.replace("|", "&#124;").replace("*", "\\*").replace("_", "\\_"))
+    return "".join(out)
+
+
+def table_code(code: str) -> str:
+    """Code in a table cell, `|` included: inline HTML, since a Markdown code span cannot hold a table's `|`."""
+    escaped = code.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+    return f"<code>{escaped}</code>"
+
+
 def options_table() -> str:
     from hf_l2sp import SPArguments
 
@@ -28,7 +47,7 @@ def options_table() -> str:
     for field in dataclasses.fields(SPArguments):
         default = field.default if field.default is not dataclasses.MISSING else None
         text = described.get(field.name) or field.metadata.get("help", "")
-        rows.append(f"| `{field.name}` | `{default!r}` | {text.replace('|', '/')} |")
+        rows.append(f"| `{field.name}` | `{default!r}` | {table_text(text)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -38,8 +57,7 @@ def penalties_table() -> str:
     rows = ["| name | kind | Omega | method |", "| --- | --- | --- | --- |"]
     for penalty in registered():
         kind = "feature" if penalty.name in FEATURE_REGULARIZERS else "weight"
-        formula = penalty.formula.replace("|", "/")
-        rows.append(f"| `{penalty.name}` | {kind} | `{formula}` | {penalty.title} |")
+        rows.append(f"| `{penalty.name}` | {kind} | {table_code(penalty.formula)} | {penalty.title} |")
     return "\n".join(rows) + "\n"
 
 

@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"hf-l2sp: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
+        near = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        print(f"hf-l2sp: unknown command {name!r}.{hint} Commands: {', '.join(COMMANDS)} "
+              "(hf-l2sp --help says what each does).", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, {"regularizers": "regularizers", "version": "version",

@@ -142,3 +142,24 @@ def test_a_skipped_drift_figure_is_said_in_a_plain_script(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "matplotlib is not installed; drift.png skipped (drift.json has the numbers)" in done.stderr
     assert (tmp_path / "drift.json").is_file() and not (tmp_path / "drift.png").exists()
+
+
+def test_an_unknown_command_names_the_nearest(capsys):
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-l2sp: unknown command 'trian'. Did you mean 'train'?") and "\n" not in err
+
+
+def test_a_set_up_the_machine_cannot_run_is_one_line_before_anything_loads(tmp_path, capsys):
+    """The shipped paper recipes train in bf16 on a GPU: on a CPU-only machine, one line and exit 2 (it was
+    transformers' traceback), from the arguments alone: no data or model is read."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine can run the recipe")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "resnet50_dogs_l2_sp.yaml"
+    assert main(["train", "--config", str(recipe), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("hf-l2sp train: error: Your setup doesn't support bf16/gpu. You need to assign use_cpu if you "
+                   "want to train the model on CPU.")
+    assert not (tmp_path / "out").exists()

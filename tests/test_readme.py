@@ -84,6 +84,28 @@ def test_docs_site_builds_in_strict_mode(tmp_path):
 
     for field in dataclasses.fields(SPArguments):  # generated from the dataclass: every field is there
         assert f"<code>{field.name}</code>" in options, field.name
+    assert_renders_as_written(tmp_path / "site")
+
+
+def assert_renders_as_written(site: Path) -> None:
+    """The site says what the Markdown means: nested lists nest (no paragraph of literal '- '), a formula keeps its
+    '*' and '||' (no emphasis, no '//'), and the home page's first screen has the install command and code."""
+    for page in site.rglob("*.html"):
+        html = page.read_text()
+        paragraphs = re.findall(r"<p>(.*?)</p>", html, flags=re.S)
+        assert not [p for p in paragraphs if re.match(r"\s*- ", p) or "\n- " in p], page
+        assert not re.search(r"//(w|alpha)(?![w.])", html), page  # ||w|| rendered as //w//
+    options = (site / "reference" / "config" / "index.html").read_text()
+    assert "lr*alpha*(w - w0)" in options and "<em>alpha</em>" not in options
+    penalties = (site / "reference" / "penalties" / "index.html").read_text()
+    assert "alpha/2 * &#124;&#124;w_S - w0_S&#124;&#124;^2" in penalties or "||w_S - w0_S||^2" in penalties
+    nested = (site / "concepts" / "parameters" / "index.html").read_text()
+    assert re.search(r"<li>.*?<ul>\s*<li>renamed modules", nested, flags=re.S)
+    home = (site / "index.html").read_text()
+    text = re.sub(r"<[^>]+>", "", home[home.index("<h1"):])  # the words a reader sees, highlighting stripped
+    first_screen = text[:2500]
+    assert 'pip install -c constraints.txt ".[demo,trl,peft]"' in first_screen.replace("&quot;", '"')
+    assert "load_backbone(" in first_screen
 
 
 def test_every_option_is_described_in_the_config_docstring():

@@ -176,7 +176,12 @@ class SPArguments:
         self._validate_sp()
         parent = super()
         if hasattr(parent, "__post_init__"):
-            parent.__post_init__()
+            try:
+                parent.__post_init__()
+            except ValueError as err:  # the config's own checks (precision, device, strategies): a user's error
+                if isinstance(err, ConfigError):
+                    raise
+                raise ConfigError(" ".join(str(err).split())) from err
 
     def _validate_sp(self) -> None:
         check_deepspeed_launch(self)
