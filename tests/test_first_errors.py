@@ -163,3 +163,22 @@ def test_a_set_up_the_machine_cannot_run_is_one_line_before_anything_loads(tmp_p
     assert err == ("hf-l2sp train: error: Your setup doesn't support bf16/gpu. You need to assign use_cpu if you "
                    "want to train the model on CPU.")
     assert not (tmp_path / "out").exists()
+
+
+def test_help_and_version_answer_without_importing_torch():
+    """`hf-l2sp --help`, `version` and `train --help` import neither torch nor transformers: they answer at once."""
+    code = (
+        "import sys\nfrom hf_l2sp.cli import main\n"
+        "for argv in (['--help'], ['version'], ['train', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'timm') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "main options (`--help-all` lists every option" in done.stdout
+
+
+def test_the_train_help_kept_in_the_package_is_what_the_parser_prints():
+    from hf_l2sp.commands.train import HELP_FILE, render_help
+
+    assert HELP_FILE.read_text() == render_help(), "regenerate: HELP_FILE.write_text(render_help())"
