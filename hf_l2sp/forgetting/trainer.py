@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
+from ..anchor.parameters import is_sharded
 from ..anchor.resume import last_complete_checkpoint
 from ..loading import assets
 from ..loading.model_parts import base_prefix, model_task, peft_base_model, unwrap_model
@@ -279,6 +280,9 @@ class RetentionMixin:
         """Mean over the set's predicted tokens of KL(p_start || p): the starting model rebuilt from the anchor by
         swapping storages (LoRA: adapters disabled), never copied."""
         model = self.model
+        if any(is_sharded(p) for p in model.parameters()):  # sharded after construction (fully_shard by hand)
+            raise ConfigError("sp_retention_kl needs the whole anchor beside the model, and the model's parameters "
+                              "are sharded (FSDP2): drop sp_retention_kl in sharded runs.")
         training = model.training
         model.eval()
         total, count = 0.0, 0
