@@ -340,3 +340,22 @@ def test_source_head_reads_bf16_features_under_mixed_precision(source, tmp_path)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "eval_source_agreement" in log]
     assert logs[0]["eval_source_agreement"] == 1.0 and 0.0 <= logs[-1]["eval_source_agreement"] <= 1.0
+
+
+def test_a_native_transformers_classifier_keeps_its_source_head_aside(tmp_path):
+    """Beside TimmWrapper: a transformers ViT checkpoint with 5 classes, fine-tuned for 3; its `classifier` is the
+    source head, read back from the checkpoint and applied to the CLS features."""
+    from .helpers import vit_classifier
+
+    vit_classifier(num_labels=5).save_pretrained(tmp_path / "vit")
+    model, _ = load_backbone(str(tmp_path / "vit"), {0: "a", 1: "b", 2: "c"})
+    args = sp_config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, learning_rate=0.5)
+    trainer = SPTrainer(model=model, args=args, train_dataset=tensor_dataset(8, 3, size=16, seed=1),
+                        eval_dataset=tensor_dataset(4, 3, size=16, seed=3),
+                        retention_datasets={"source": tensor_dataset(6, 5, size=16, seed=2)})
+    assert trainer.retention.measures == {"source": "agreement"} and trainer.retention.head_name == "classifier"
+    assert trainer.retention.source_head.weight.shape[0] == 5
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "eval_source_agreement" in log]
+    assert logs[0]["eval_source_forgetting"] == 0.0 and logs[0]["eval_source_cka"] == 1.0
+    assert logs[-1]["eval_source_cka"] < 1.0
