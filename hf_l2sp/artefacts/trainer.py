@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..anchor.fisher_io import FISHER_FILENAME, save_fisher
 from ..anchor.parameters import full_values
@@ -101,8 +100,7 @@ class SPMixin(RetentionMixin, PenaltyMixin):
     def _save_checkpoint(self, model, trial):
         result = super()._save_checkpoint(model, trial)
         if self.args.sp_checkpoint_artefacts:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self.write_artefacts(folder)
+            self.write_artefacts(self.checkpoint_folder(trial))
         return result
 
     def push_to_hub(self, *args, **kwargs):

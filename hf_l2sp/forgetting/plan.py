@@ -75,10 +75,6 @@ class RetentionPlan:
     source_note: str = ""
     start: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.measures)
-
     def set_for(self, metric_key_prefix: str) -> str | None:
         """The retention set Trainer is evaluating under `metric_key_prefix` ('eval_<name>'), if any."""
         for name in self.measures:
@@ -114,10 +110,6 @@ class RetentionPlan:
         else:
             out["forgetting"] = 1.0 - out["cka"]
         return out
-
-    def start_loss(self, name: str) -> float | None:
-        value = self.start.get(name, {}).get("loss")
-        return None if value is None else float(value)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
 from ..anchor.parameters import is_sharded
-from ..anchor.resume import last_complete_checkpoint
 from ..loading import assets
 from ..loading.model_parts import base_prefix, model_task, peft_base_model, unwrap_model
 from ..loading.weights import read_state_dict
@@ -148,7 +147,7 @@ class RetentionMixin:
             return None, f"its checkpoint {source!r} could not be read ({type(err).__name__})"
         head, note = source_head(model, head_name, state, base_prefix(model))
         del state
-        return head, note if head is not None else note
+        return head, note
 
     def _check_kl_possible(self, model, task: str | None, kl_set: str) -> None:
         engine = ("FSDP" if getattr(self, "is_fsdp_enabled", False) else
@@ -179,26 +178,20 @@ class RetentionMixin:
         if plan is None or all(name in plan.start for name in plan.measures):
             return
         if self.state.global_step > 0:
-            raise ConfigError("Training resumed without the retention sets' start values.")  # train() loads them
+            raise ConfigError("Training resumed without the retention sets' start values: resume through train("
+                              "resume_from_checkpoint=...), which reads them from the checkpoint.")
         if not self.args.eval_on_start:  # Trainer evaluates right after this, before the first step, otherwise
             self.evaluate()
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self.retention is not None and self.retention.measures and resume_from_checkpoint:
-            folder = (last_complete_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
-                      else resume_from_checkpoint)
-            if folder is not None and Path(folder).is_dir():
-                self.retention.load_start(folder)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+    def save_resume_extras(self, folder: Path) -> None:
+        super().save_resume_extras(folder)
+        if self.retention is not None:
+            self.retention.save_start(folder)
 
-    def _save_checkpoint(self, model, trial):
-        if self.retention is not None and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            self.retention.save_start(folder)  # before Trainer's files and the completion marker
-        return super()._save_checkpoint(model, trial)
+    def restore_resume_extras(self, checkpoint: str) -> None:
+        super().restore_resume_extras(checkpoint)
+        if self.retention is not None and self.retention.measures:
+            self.retention.load_start(checkpoint)  # refuses a checkpoint without them
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
 
@@ -272,7 +265,7 @@ class RetentionMixin:
         out = {"features": torch.cat(features).cpu()}
         if predictions:
             out["predictions"] = torch.cat(predictions).cpu()
-            if labels and plan.measures and "source_accuracy" in plan.measures.values():
+            if labels and "source_accuracy" in plan.measures.values():
                 out["accuracy"] = (out["predictions"] == torch.cat(labels).cpu()).double().mean()
         return out
 

@@ -35,16 +35,28 @@ class CheckpointMixin:
         folder with the anchor and no marker was interrupted; one with Trainer's files only is a plain Trainer's."""
         self._check_penalty_finite()
         anchors = self.sp.reference.full_tensors()  # FSDP2: assembled from the shards, on every process (collective)
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        folder = self.checkpoint_folder(trial)
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # a folder saved over is incomplete until the end
             save_anchor(self.sp.reference, folder, anchors)
             self.save_feature_state(folder)
+            self.save_resume_extras(folder)
         result = super()._save_checkpoint(model, trial)
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
         return result
+
+    def checkpoint_folder(self, trial=None) -> Path:
+        """The checkpoint-N folder Trainer is saving now."""
+        return Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+
+    def save_resume_extras(self, folder: Path) -> None:
+        """What else a checkpoint must hold to resume (a mixin's state, e.g. the retention sets' start values),
+        written with the anchor, before the completion marker. Nothing here."""
+
+    def restore_resume_extras(self, checkpoint: str) -> None:
+        """Read back what `save_resume_extras` wrote, before training resumes. Nothing here."""
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`, resuming only from completely written checkpoints and restoring their anchor."""
@@ -56,6 +68,7 @@ class CheckpointMixin:
                                   "written.")
         if resume_from_checkpoint:
             self._restore_anchor(str(resume_from_checkpoint))
+            self.restore_resume_extras(str(resume_from_checkpoint))
             deepspeed = getattr(self, "is_deepspeed_enabled", False)
             if deepspeed:
                 check_deepspeed_world_size(resume_from_checkpoint, self.accelerator.num_processes)
