@@ -23,6 +23,8 @@ COMMANDS = {
     "search": ("hf_l2sp.commands.search", "Search a regularizer's coefficient (and lr) on validation; best.yaml."),
     "compare": ("hf_l2sp.commands.search", "Tune several regularizers, then compare them on paired seeds."),
     "study": ("hf_l2sp.commands.study", "Transfer study: every regularizer on offline real data, tables and plots."),
+    "lm-study": ("hf_l2sp.commands.lm_study", "Forgetting study on SmolLM2-135M: L2-SP against a lower learning rate, "
+                 "L2, LoRA, weight averaging and replay."),
     "push": ("hf_l2sp.commands.push", "Upload a finished run folder to the Hugging Face Hub."),
     "demo": ("hf_l2sp.commands.demo", "Offline demo: ImageNet Lite0 on real digits, L2-SP beside L2."),
     "regularizers": ("hf_l2sp.commands.info", "List the registered regularizers and their formulas."),
