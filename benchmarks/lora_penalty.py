@@ -26,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
-from hf_l2sp.anchor.adapters import LoraTerm, lora_squared_distance  # noqa: E402
+from hf_l2sp.anchor.adapters import LoraTerm  # noqa: E402
+from hf_l2sp.penalties.lora_distance import lora_squared_distance  # noqa: E402
 from hf_l2sp.penalties.group_lasso_sp import GroupLassoSP  # noqa: E402
 
 HIDDEN, INTERMEDIATE, BLOCKS = 4096, 11008, 32

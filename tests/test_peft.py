@@ -69,6 +69,7 @@ def test_penalty_and_gradient_equal_autograd_through_the_merged_weight(tmp_path,
     assert all(layer.scaling["default"] == expected_scaling for layer in lora_layers(model))
     trainer = trainer_for(model, tmp_path, bert_folder)
     sets = trainer.sp_parameters()
+    sets.direct_gradients = False  # gradients returned to autograd.grad (the trainer adds them to .grad itself)
     assert len(sets.lora) == 2 and sets.anchored == [] and trainer.sp_reference.tensors == {}  # no anchor copy
     assert set(sets.head_names) == {"classifier.weight"}  # the head copy in modules_to_save: beta
     terms = trainer.regularizer(sets)
@@ -82,6 +83,28 @@ def test_penalty_and_gradient_equal_autograd_through_the_merged_weight(tmp_path,
     reference = torch.autograd.grad(0.5 * ALPHA * merged_distance(model), lora_params)
     for got, want in zip(ours, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_added_after_backward_equals_the_one_autograd_gets(tmp_path, bert_folder):
+    """Adapters of one shape with different scalings (alpha_pattern) are batched together; the trainer's path adds
+    their gradient to `.grad` once the backward pass has finished: onto no `.grad`, then onto one, it equals the
+    gradient returned to autograd, which equals autograd's through the merged weight."""
+    model = lora_model(bert_folder, alpha_pattern={"value": 16})
+    assert sorted({layer.scaling["default"] for layer in lora_layers(model)}) == [2.0, 4.0]
+    trainer = trainer_for(model, tmp_path, bert_folder)
+    sets = trainer.sp_parameters()
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    sets.direct_gradients = False
+    returned = torch.autograd.grad(trainer.regularizer(sets).penalty, lora_params)
+    merged = torch.autograd.grad(0.5 * ALPHA * merged_distance(model), lora_params)
+    sets.direct_gradients = True
+    for param in lora_params:
+        param.grad = None
+    for times in (1, 2):
+        trainer.regularizer(sets).penalty.backward()
+        for param, got, want in zip(lora_params, returned, merged):
+            torch.testing.assert_close(param.grad, times * got)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_group_lasso_on_adapters_equals_the_merged_rows(tmp_path, bert_folder):

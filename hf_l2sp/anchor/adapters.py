@@ -198,8 +198,3 @@ def _add_copies(plan: AdapterPlan, name: str, wrapper, head_modules: list[str]) 
         for param_name, param in wrapper.modules_to_save[adapter].named_parameters():
             if param.requires_grad:
                 plan.originals[f"{name}.{param_name}" if name else param_name] = originals[param_name]
-
-
-def lora_squared_distance(terms: list[LoraTerm]) -> Tensor:
-    """sum over terms of ||W - W0||_F^2, differentiable (fp32)."""
-    return torch.stack([t.squared_distance() for t in terms]).sum()

@@ -35,7 +35,7 @@ class GroupLassoSP(Regularizer):
         value, sq_distance = group_distance(params, anchors)
         return self.alpha * value, sq_distance
 
-    def lora_penalty(self, terms: list[LoraTerm]) -> tuple[Tensor, Tensor]:
+    def lora_penalty(self, terms: list[LoraTerm], direct: bool = False) -> tuple[Tensor, Tensor]:
         total, squared = [], []
         for term in terms:
             rows = term.row_squared_norms()  # (out,)

@@ -22,7 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from .streaming import differences, group_size, piece_budget, pieces, run_backward, segment
+from .streaming import (PieceValues, device_pieces, differences, group_size, joined, run_backward,
+                        scale_by, weighted_roots)
 
 
 #: Values reduced in fp32 before the partial results are added in float64. Longer rows drift on constant data (a
@@ -48,6 +49,9 @@ class NormSums:
         self.ord, self.rows, self.folded = ord, [], None
 
     def add(self, tensors: list[Tensor]) -> None:
+        if isinstance(tensors, PieceValues):  # one flat buffer: its rows, whatever tensors they span
+            self._add_flat(tensors.flat)
+            return
         small = [t for t in tensors if t.numel() <= CHUNK]
         if small:
             self.rows.append(torch.stack(torch._foreach_norm(small, self.ord)))
@@ -59,6 +63,15 @@ class NormSums:
             self.rows.append(torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), self.ord, dim=1))
             if whole < flat.numel():
                 self.rows.append(torch.linalg.vector_norm(flat[whole:], self.ord).reshape(1))
+        if len(self.rows) >= self.FOLD:
+            self._fold()
+
+    def _add_flat(self, flat: Tensor) -> None:
+        whole = flat.numel() - flat.numel() % CHUNK
+        if whole:
+            self.rows.append(torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), self.ord, dim=1))
+        if whole < flat.numel():
+            self.rows.append(torch.linalg.vector_norm(flat[whole:], self.ord).reshape(1))
         if len(self.rows) >= self.FOLD:
             self._fold()
 
@@ -86,7 +99,7 @@ def squared_distance(params: list[Tensor], anchors: list[Tensor]) -> Tensor:
     sums = NormSums(2)
     with torch.no_grad():
         numels = [p.numel() for p in params]
-        for piece in pieces(numels, budget=piece_budget(numels, device)):
+        for piece in device_pieces(numels, device):
             sums.add(differences(params, anchors, piece))
     return sums.total(device).float()
 
@@ -126,19 +139,19 @@ class StreamedPenalty(torch.autograd.Function):
         absolutes = NormSums(1) if kind == "absolute" else None
         with torch.no_grad():
             numels = [p.numel() for p in params]
-            for piece in pieces(numels, sizes, piece_budget(numels, device)):
+            for piece in device_pieces(numels, device, sizes):
                 diffs = differences(params, anchors, piece)
                 if kind == "group":
-                    for (i, _, _), diff in zip(piece, diffs):
-                        norms = torch.linalg.vector_norm(diff.view(-1, sizes[i]), dim=1)
-                        group_value += math.sqrt(sizes[i]) * norms.double().sum()
+                    for size, rows, _ in group_rows(diffs, piece, sizes):
+                        norms = torch.linalg.vector_norm(rows, dim=1)
+                        group_value += math.sqrt(size) * norms.double().sum()
                         squares.add_norms(norms)  # a group's norm is a row's: its square adds to the distance
                     continue
                 squares.add(diffs)
                 if absolutes is not None:
                     absolutes.add(diffs)
                 elif weighted is not None:
-                    weighted.add([torch.sqrt(c) * d for c, d in zip(segment(weights, piece), diffs)])
+                    weighted.add(weighted_roots(diffs, weights, piece))
         sq_distance = squares.total(device)
         if kind == "group":
             value = group_value
@@ -161,26 +174,43 @@ class StreamedPenalty(torch.autograd.Function):
 
         def write(sink) -> None:
             numels = [p.numel() for p in params]
-            for piece in pieces(numels, sizes, piece_budget(numels, params[0].device)):
+            for piece in device_pieces(numels, params[0].device, sizes):
                 diffs = differences(params, anchors, piece)
                 if kind == "absolute":
-                    grads = torch._foreach_sign(diffs)
+                    diffs.flat.sign_()
+                    grads = diffs
                 elif kind == "group":
-                    grads = [_group_gradient(diff, sizes[i]) for (i, _, _), diff in zip(piece, diffs)]
+                    grads = _group_gradients(diffs, piece, sizes)
                 else:
-                    grads = diffs  # new tensors (`differences`): weighted in place
-                    if weights is not None:
-                        torch._foreach_mul_(grads, segment(weights, piece))
+                    grads = diffs if weights is None else scale_by(diffs, weights, piece)  # a new buffer: in place
                 sink.add(piece, grads, scale)
 
         grads = run_backward(write, params, ctx.targets, ctx.direct)
         return (None, None, None, None, None, *grads)
 
 
-def _group_gradient(diff: Tensor, size: int) -> Tensor:
-    rows = diff.view(-1, size)
-    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    return (rows * (math.sqrt(size) / torch.where(norms > 0, norms, torch.ones_like(norms))) * (norms > 0)).view(-1)
+def group_rows(diffs: PieceValues, piece, sizes: list[int]):
+    """The piece's groups, joined by group size: (size, rows of that size as a (groups, size) matrix, positions of
+    the segments they came from). One join per distinct size, so the work grows with the shapes, not the tensors."""
+    by_size: dict[int, list[int]] = {}
+    for position, (i, _, _) in enumerate(piece):
+        by_size.setdefault(sizes[i], []).append(position)
+    for size, positions in by_size.items():
+        segments = [diffs[p] for p in positions]
+        rows = (diffs.flat if len(positions) == len(piece) else joined(segments)).view(-1, size)
+        yield size, rows, positions
+
+
+def _group_gradients(diffs: PieceValues, piece, sizes: list[int]) -> list[Tensor]:
+    """sqrt(p_g) (w_g - a_g) / ||w_g - a_g|| (0 at a zero group) per segment of the piece."""
+    grads: list[Tensor | None] = [None] * len(piece)
+    for size, rows, positions in group_rows(diffs, piece, sizes):
+        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        factor = torch.where(norms > 0, math.sqrt(size) / norms, torch.zeros_like(norms))
+        flat = (rows * factor).view(-1)
+        for position, part in zip(positions, flat.split([diffs[p].numel() for p in positions])):
+            grads[position] = part
+    return grads
 
 
 def _apply(kind: str, params: list[Tensor], anchors, weights=None) -> tuple[Tensor, Tensor]:

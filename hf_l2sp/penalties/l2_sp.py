@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..anchor.adapters import LoraTerm, lora_squared_distance
+from ..anchor.adapters import LoraTerm
 from .weight import QuadraticForm, Regularizer
 from .kernels import half_squared_distance
+from .lora_distance import lora_squared_distance
 from .registry import register_regularizer
 
 
@@ -31,6 +32,6 @@ class L2SP(Regularizer):
         value, sq_distance = half_squared_distance(params, anchors)
         return self.alpha * value, sq_distance
 
-    def lora_penalty(self, terms: list[LoraTerm]) -> tuple[Tensor, Tensor]:
-        squared = lora_squared_distance(terms)
+    def lora_penalty(self, terms: list[LoraTerm], direct: bool = False) -> tuple[Tensor, Tensor]:
+        squared = lora_squared_distance(terms, direct)
         return 0.5 * self.alpha * squared, squared.detach()

@@ -35,12 +35,25 @@ PIECE_VALUES = 1 << 18
 PIECES_PER_PASS = 96
 
 
+def on_accelerator(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type != "cpu"
+
+
 def piece_budget(numels: list[int], device: torch.device | None = None) -> int:
     """Values per piece for tensors of these sizes on `device`: `PIECE_VALUES` on a CPU, else at least that and
     1/`PIECES_PER_PASS` of the set."""
-    if device is None or torch.device(device).type == "cpu":
+    if not on_accelerator(device):
         return PIECE_VALUES
     return max(PIECE_VALUES, sum(numels) // PIECES_PER_PASS)
+
+
+def device_pieces(numels: list[int], device: torch.device | None,
+                  row_sizes: list[int] | None = None) -> Iterator[list[tuple[int, int, int]]]:
+    """The pieces a pass over tensors of these sizes on `device` walks: cache-sized on a CPU, where a piece made of
+    slices of one tensor costs no copy; packed full on an accelerator, so that a pass makes about `PIECES_PER_PASS`
+    pieces (each a constant number of launches) whatever the number and sizes of the tensors."""
+    accelerator = on_accelerator(device)
+    return pieces(numels, row_sizes, piece_budget(numels, device), pack=accelerator)
 
 
 def direct_writes_available() -> bool:
@@ -50,12 +63,16 @@ def direct_writes_available() -> bool:
     return callable(getattr(engine, "queue_callback", None))
 
 
-def pieces(numels: list[int], row_sizes: list[int] | None = None,
-           budget: int | None = None) -> Iterator[list[tuple[int, int, int]]]:
+def pieces(numels: list[int], row_sizes: list[int] | None = None, budget: int | None = None,
+           pack: bool = False) -> Iterator[list[tuple[int, int, int]]]:
     """Pieces of at most `budget` values (default `PIECE_VALUES`; see `piece_budget`), as (tensor index, start, end)
-    segments of the flattened tensors: runs of whole tensors, or slices of one larger tensor (cut at whole rows when
-    `row_sizes` are given)."""
+    segments of the flattened tensors, cut at whole rows when `row_sizes` are given. Unpacked: runs of whole tensors,
+    or slices of one larger tensor. Packed: every piece filled up to the budget, a larger tensor's slices sharing
+    pieces with its neighbours (a row larger than the budget still makes a piece of its own)."""
     budget = budget or PIECE_VALUES
+    if pack:
+        yield from _packed(numels, row_sizes, budget)
+        return
     piece, size = [], 0
     for i, n in enumerate(numels):
         if n > budget:
@@ -75,23 +92,79 @@ def pieces(numels: list[int], row_sizes: list[int] | None = None,
         yield piece
 
 
+def _packed(numels, row_sizes, budget) -> Iterator[list[tuple[int, int, int]]]:
+    piece, size = [], 0
+    for i, n in enumerate(numels):
+        row = 1 if row_sizes is None else max(1, row_sizes[i])
+        start = 0
+        while start < n:
+            take = min(n - start, (budget - size) // row * row)
+            if take == 0:
+                if piece:  # no whole row fits: close this piece and start the row in the next
+                    yield piece
+                    piece, size = [], 0
+                    continue
+                take = min(n - start, row)
+            piece.append((i, start, start + take))
+            size += take
+            start += take
+            if size >= budget:
+                yield piece
+                piece, size = [], 0
+    if piece:
+        yield piece
+
+
 def segment(tensors, piece) -> list[Tensor]:
     return [tensors[i].reshape(-1)[start:end] for i, start, end in piece]
 
 
-def differences(params, anchors, piece) -> list[Tensor]:
-    """w - a in fp32 for one piece (a = 0 without anchors: w, cast): new tensors, which the caller may change in
-    place. fp32 against fp32 is one subtraction; otherwise w is cast and the anchors are subtracted in place, promoted
-    value by value, so no fp32 copy of them is made."""
-    weights = [w.detach() for w in segment(params, piece)]
-    if anchors is not None:
-        bases = segment(anchors, piece)
-        if all(w.dtype == torch.float32 and a.dtype == torch.float32 for w, a in zip(weights, bases)):
-            return list(torch._foreach_sub(weights, bases))  # one pass per tensor: the step's cost is per op
-        values = [w.to(torch.float32, copy=True) for w in weights]
-        torch._foreach_sub_(values, bases)
+class PieceValues(list):
+    """A piece's fp32 values, one view per segment, all views of one flat buffer (`flat`): work on the whole piece
+    (a norm, a scaling, a sign) is one operation on `flat`, whatever the number of tensors in it."""
+
+    flat: Tensor
+
+    @classmethod
+    def of(cls, flat: Tensor, piece) -> "PieceValues":
+        values = cls(flat.split([end - start for _, start, end in piece]))
+        values.flat = flat
         return values
-    return [w.to(torch.float32, copy=True) for w in weights]
+
+
+def joined(tensors: list[Tensor]) -> Tensor:
+    """One flat tensor holding the segments (a view for a single segment, else one concatenation, which promotes
+    mixed dtypes exactly; autocast, which would pick a 16-bit type for it, is off)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return torch.cat(tensors)
+
+
+def differences(params, anchors, piece) -> PieceValues:
+    """w - a in fp32 for one piece (a = 0 without anchors: w, cast), in a new flat buffer the caller may change in
+    place: a few operations per piece, whatever the number of tensors (the weights and the anchors are each joined
+    once; 16-bit anchors are promoted value by value in the subtraction, so no fp32 copy of them is made)."""
+    weights = joined([w.detach() for w in segment(params, piece)])
+    bases = None if anchors is None else joined(segment(anchors, piece))
+    if bases is not None and weights.dtype == torch.float32 and bases.dtype == torch.float32:
+        flat = torch.sub(weights, bases)
+    else:
+        flat = weights.to(torch.float32, copy=len(piece) == 1)  # a joined piece is already a new tensor
+        if bases is not None:
+            flat.sub_(bases)
+    return PieceValues.of(flat, piece)
+
+
+def weighted_roots(diffs: PieceValues, weights, piece) -> PieceValues:
+    """sqrt(c) (w - a) for the piece (c >= 0: a Fisher diagonal), so that its squared norm is sum c (w - a)^2."""
+    return PieceValues.of(torch.sqrt(joined(segment(weights, piece))).mul_(diffs.flat), piece)
+
+
+def scale_by(diffs: PieceValues, weights, piece) -> PieceValues:
+    """c (w - a), in place."""
+    diffs.flat.mul_(joined(segment(weights, piece)))
+    return diffs
 
 
 class GradientSink:
@@ -120,18 +193,23 @@ class GradientSink:
         return self.pending[i][1].view(-1)
 
     def add(self, piece, grads: list[Tensor], scale: Tensor | float) -> None:
-        """Add `scale` x the piece's fp32 `grads` (a 0-d tensor stays on its device: no host sync on a GPU), in one
-        operation per tensor."""
+        """Add `scale` x the piece's fp32 `grads` (a 0-d tensor stays on its device: no host sync on a GPU), scaled
+        in place, then added with one multi-tensor operation for the whole piece."""
+        if isinstance(grads, PieceValues):
+            grads.flat.mul_(scale)
+        else:
+            torch._foreach_mul_(grads, scale)
         if self.returned is not None:
-            for view, grad in zip(segment(self.returned, piece), grads):
-                torch.mul(grad, scale, out=view)
+            torch._foreach_copy_(segment(self.returned, piece), grads)
             return
-        for (i, start, end), grad in zip(piece, grads):
-            target = self._view(i)[start:end]  # an fp32 gradient into a 16-bit .grad: rounded once, no copy
-            if isinstance(scale, Tensor):
-                target.addcmul_(grad, scale)
-            else:
-                target.add_(grad, alpha=scale)
+        targets = [self._view(i)[start:end] for i, start, end in piece]
+        dtypes = {t.dtype for t in targets}
+        if (isinstance(grads, PieceValues) and len(dtypes) == 1 and grads.flat.dtype not in dtypes
+                and targets[0].device.type != "cpu"):
+            # One dtype per list keeps an accelerator's multi-tensor kernel (mixed lists run tensor by tensor); on
+            # the CPU the fp32 gradient is added to a 16-bit .grad with one rounding.
+            grads = PieceValues.of(grads.flat.to(targets[0].dtype), piece)
+        torch._foreach_add_(targets, grads)
 
     def finish(self) -> None:
         for grad, collected in self.pending.values():
@@ -139,22 +217,30 @@ class GradientSink:
         self.pending.clear()
 
 
+def after_backward(callback) -> bool:
+    """Run `callback` once the current backward pass has finished, after every callback queued during it; False
+    (nothing queued) where autograd's engine takes no callbacks."""
+    if not direct_writes_available():
+        return False
+    engine = torch.autograd.Variable._execution_engine
+    # Queued from a callback, it runs after every callback queued during the backward pass: DDP queues its
+    # finalisation (which copies the averaged buckets back into .grad) only once its last gradient is ready,
+    # possibly after this node ran.
+    engine.queue_callback(lambda: engine.queue_callback(callback))
+    return True
+
+
 def run_backward(write, params, targets, direct: bool):
     """Call `write(sink)` now (returning the gradients) or at the end of the backward pass (direct writes)."""
-    if direct and targets is not None and direct_writes_available():
-        engine = torch.autograd.Variable._execution_engine
-
+    if direct and targets is not None:
         def write_gradients():
             with torch.no_grad():
                 sink = GradientSink(params, targets, True)
                 write(sink)
                 sink.finish()
 
-        # Queued from a callback, it runs after every callback queued during the backward pass: DDP queues its
-        # finalisation (which copies the averaged buckets back into .grad) only once its last gradient is ready,
-        # possibly after this node ran.
-        engine.queue_callback(lambda: engine.queue_callback(write_gradients))
-        return [None] * len(params)
+        if after_backward(write_gradients):
+            return [None] * len(params)
     sink = GradientSink(params, targets, False)
     with torch.no_grad():
         write(sink)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .base import Penalty, check_coefficient
 from .kernels import half_squared_distance, squared_distance
+from .lora_distance import lora_squared_distance
 
 if TYPE_CHECKING:
     from ..anchor.adapters import LoraTerm
@@ -18,8 +19,6 @@ if TYPE_CHECKING:
 
 def distance_to_anchor(params: SPParameters) -> Tensor:
     """||w_S - w0_S||_2 over the anchored tensors and the LoRA adapters, without a graph (for the logs)."""
-    from ..anchor.adapters import lora_squared_distance
-
     with torch.no_grad():
         squared = squared_distance(params.anchored_views(), params.anchors)
         if params.lora:
@@ -92,8 +91,9 @@ class Regularizer(Penalty):
         """(differentiable penalty on S, squared distance ||w_S - w0_S||^2 detached)."""
         raise NotImplementedError
 
-    def lora_penalty(self, terms: list[LoraTerm]) -> tuple[Tensor, Tensor]:
-        """(differentiable penalty on the adapters' W - W0, its squared Frobenius norm detached)."""
+    def lora_penalty(self, terms: list[LoraTerm], direct: bool = False) -> tuple[Tensor, Tensor]:
+        """(differentiable penalty on the adapters' W - W0, its squared Frobenius norm detached). `direct`: the
+        gradient may be added to the factors' `.grad` after the backward pass instead of returned to autograd."""
         raise NotImplementedError(f"{self.name} has no exact form on LoRA adapters")
 
     def quadratic_form(self) -> QuadraticForm | None:
@@ -109,7 +109,7 @@ class Regularizer(Penalty):
         else:
             anchored, sq_distance = self.anchored_penalty(params.anchored_views(), params.anchors)
             if params.lora:  # PEFT: the adapters' distance to the frozen base, from the factors
-                adapter_value, adapter_sq = self.lora_penalty(params.lora)
+                adapter_value, adapter_sq = self.lora_penalty(params.lora, params.direct_gradients)
                 anchored, sq_distance = anchored + adapter_value.to(anchored.device), sq_distance + adapter_sq.to(
                     sq_distance.device)
         head = self.beta * half_squared_distance(params.head_views())[0] if self.beta else torch.zeros(

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..anchor.parameters import SPParameters, cut, local_view
 from ..penalties.weight import PenaltyTerms, QuadraticForm
 from ..penalties.kernels import NormSums
-from ..penalties.streaming import GradientSink, differences, piece_budget, pieces, segment
+from ..penalties.streaming import GradientSink, device_pieces, differences, scale_by, weighted_roots
 from ..utils.errors import ConfigError
 
 SP_MODES = ("loss", "grad", "decoupled")
@@ -111,7 +111,7 @@ class OptimizerSidePenalty:
         reuse = anchors is not None and pull_to_anchor and weights is None  # the value is 1/2 coef x the distance
         values = squares if reuse else NormSums(2)  # sum c x^2, x the pull (w - w0, or w)
         numels = [p.numel() for p in params]
-        for piece in pieces(numels, budget=piece_budget(numels, params[0].device if params else None)):
+        for piece in device_pieces(numels, params[0].device if params else None):
             diffs = differences(params, anchors, piece)
             if anchors is not None:
                 squares.add(diffs)
@@ -120,14 +120,13 @@ class OptimizerSidePenalty:
             if not (pull_to_anchor or anchors is None):  # plain L2: the distance was for the log; pull w to 0
                 del diffs
                 diffs = differences(params, None, piece)
-            pull = diffs  # new tensors (`differences`): turned into the update in place
+            pull = diffs  # a new buffer (`differences`): turned into the update in place
             if weights is None:
                 if not reuse:
                     values.add(pull)
             else:
-                c = segment(weights, piece)
-                values.add([torch.sqrt(w) * x for w, x in zip(c, pull)])
-                torch._foreach_mul_(pull, c)
+                values.add(weighted_roots(pull, weights, piece))
+                scale_by(pull, weights, piece)
             sink.add(piece, pull, factor)
         sink.finish()
         device = params[0].device if params else None
