@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_l2sp"
 #: Each layer may import only from itself and the layers before it.
 LAYERS = ["utils", "loading", "anchor", "penalties", "forgetting", "training", "artefacts", "pipeline", "tuning",
-          "study", "commands", "cli"]
+          "study", "lm_study", "commands", "cli"]
 MAX_LINES = 400
 
 

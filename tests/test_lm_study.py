@@ -15,7 +15,7 @@ from hf_l2sp.cli import main as cli_main
 from hf_l2sp.lm_study import Budget, Corpora, LMStudy, LMStudyPlan, Method, full_plan, quick_plan, write_report
 from hf_l2sp.lm_study.data import StudyData, token_blocks
 from hf_l2sp.lm_study.measure import mean_loss
-from hf_l2sp.lm_study.report import at_gain, interval, matched, plain_curve
+from hf_l2sp.lm_study.report import interval, matched, plain_curve, reference
 from hf_l2sp.lm_study.texts import bible_chapters, wiki_articles, wiki_plain
 from tests.text_models import WORDS, save_llama_lm
 
@@ -102,11 +102,13 @@ def test_matching_interpolates_plain_front_and_gives_a_t_interval():
         records += [rec("plain-lr1", "plain", seed, 0.1, 0.02 + shift, 0.1), rec("plain-lr3", "plain", seed, 0.2,
                     0.06 + shift, 0.3), rec("plain-lr9", "plain", seed, -0.1, 0.3, 0.9),  # dominated by w0
                     rec("l2_sp-x", "l2_sp", seed, 0.15, 0.01 + 2 * shift, 0.1)]
-    records.append(rec("lora-y", "lora", 0, 0.5, 0.0))  # beyond every plain gain
+    records.append(rec("lora-y", "lora", 0, 0.5, 0.05))  # beyond every plain gain: against plain's best run
+    records.append(rec("replay-z", "replay", 0, -0.05, 0.07))  # gained nothing: against w0
     curve = plain_curve(records, 0, "forgetting")
     assert curve == [(0.0, 0.0), (0.1, 0.02), (0.2, 0.06)]
-    assert at_gain(curve, 0.15) == pytest.approx(0.04) and at_gain(curve, 0.05) == pytest.approx(0.01)
-    assert at_gain(curve, 0.25) is None
+    assert reference(curve, 0.15) == (pytest.approx(0.04), "same gain")
+    assert reference(curve, 0.05) == (pytest.approx(0.01), "same gain")
+    assert reference(curve, 0.25) == (0.06, "best plain") and reference(curve, -0.05) == (0.0, "w0")
     rows = {row["method"]: row for row in matched(records)}
     diffs = [0.01 - 0.04, 0.03 - 0.05, -0.01 - 0.03]  # per seed: l2_sp's forgetting minus plain's at gain 0.15
     mean = sum(diffs) / 3
@@ -115,7 +117,14 @@ def test_matching_interpolates_plain_front_and_gives_a_t_interval():
     assert (rows["l2_sp-x"]["forgetting_low"], rows["l2_sp-x"]["forgetting_high"]) == pytest.approx(
         (mean - half, mean + half))
     assert rows["l2_sp-x"]["kl_difference"] == pytest.approx(0.1 - 0.2)
-    assert rows["lora-y"]["matched"] == 0 and math.isnan(rows["lora-y"]["forgetting_difference"])
+    assert rows["l2_sp-x"]["compared_with"] == "same gain ×3"
+    assert rows["lora-y"]["compared_with"] == "best plain ×1"
+    assert rows["lora-y"]["forgetting_difference"] == pytest.approx(0.05 - 0.06)
+    assert math.isnan(rows["lora-y"]["forgetting_low"])  # one seed: no interval
+    assert rows["replay-z"]["compared_with"] == "w0 ×1" and rows["replay-z"]["forgetting_difference"] == 0.07
+    assert rows["l2_sp-x"]["gain_difference"] == 0.0  # compared at its own gain
+    assert rows["lora-y"]["gain_difference"] == pytest.approx(0.5 - 0.2)  # the best plain run of seed 0 gained 0.2
+    assert rows["replay-z"]["gain_difference"] == -0.05
     assert interval([1.0, 1.0]) == (1.0, 1.0, 1.0)
 
 

@@ -2,9 +2,11 @@
 
 import csv
 import json
+import subprocess
 
 import pytest
 
+from hf_l2sp.commands.study import git_commit
 from hf_l2sp.study import FisherPlan, Schedule, Setting, SourcePretraining, Study, StudyPlan, write_report
 from hf_l2sp.study.protocol import GRIDS
 from hf_l2sp.tuning.selection import choose
@@ -150,3 +152,27 @@ def test_cli_names_unknown_settings(capsys):
 
     assert main(["study", "--settings", "far_cifar", "--output", "unused"]) == 2
     assert "Unknown setting(s) ['far_cifar']; choices: far_digits, far_mnist, near_mnist" in capsys.readouterr().err
+
+
+def test_invocation_commit_says_when_the_code_differs_from_it(tmp_path):
+    """A record names the commit only when the package's code is that commit's; an edit adds "+modified"."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("x = 1\n")
+    assert git_commit(package) == "unknown"  # not a repository
+    git("init", "-q")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "add", ".")
+    assert git_commit(package) == "unknown"  # no commit yet
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "one")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert git_commit(package) == head
+    (package / "__init__.py").write_text("x = 2\n")
+    assert git_commit(package) == head + "+modified"
+    copy = tmp_path / "copy"  # an untracked copy inside a repository (a venv in a checkout) names no commit
+    copy.mkdir()
+    (copy / "__init__.py").write_text("x = 1\n")
+    assert git_commit(copy) == "unknown"

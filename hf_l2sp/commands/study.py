@@ -43,11 +43,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _git_commit() -> str:
+def git_commit(package: Path | None = None) -> str:
+    """The checkout's commit, with "+modified" when the package's code differs from it (a record must not claim a
+    commit whose code did not produce it); "unknown" outside a git checkout (an installed wheel)."""
+    package = package or Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=package).stdout.strip()
+        tracked = subprocess.run(["git", "ls-files", "--", "__init__.py"], capture_output=True, text=True,
+                                 timeout=5, cwd=package).stdout.strip()
+        if not head or not tracked:  # not a checkout, or a copy that merely sits inside some repository
+            return "unknown"
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], capture_output=True, timeout=5,
+                                 cwd=package).returncode
+        return head + ("+modified" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         selection[setting.name]["description"] = setting.description
         selection[setting.name]["source"] = source_summary(output, setting)
     command = "hf-l2sp study " + " ".join(shlex.quote(a) for a in argv)
-    invocation = {"command": command, "git_commit": _git_commit(), "workers": args.workers,
+    invocation = {"command": command, "git_commit": git_commit(), "workers": args.workers,
                   "flush_denormal": not args.no_flush_denormal,
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
                   "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start)),

@@ -49,8 +49,8 @@ class Budget:
     steps: int = 16
     batch_size: int = 2
     block: int = 256  # tokens per training and evaluation sequence
-    heal_steps: int = 40
-    heal_learning_rate: float = 5e-5
+    heal_steps: int = 120  # general-text loss moved 0.001-0.004 between steps 80 and 120: healed
+    heal_learning_rate: float = 1e-4
     eval_blocks: int = 12  # per retention set and for the target
     kl_blocks: int = 6  # target blocks the KL to w0 is measured on
 
@@ -79,6 +79,7 @@ def full_plan() -> LMStudyPlan:
     methods = (
         Method("plain", 3e-5),
         Method("plain", 1e-4),
+        Method("plain", 2e-4),
         Method("plain", HIGH_LR, wise=WISE_MIXES),
         Method("l2_sp", 1e-4, "l2_sp", 1.0),
         Method("l2_sp", HIGH_LR, "l2_sp", 0.1),
@@ -86,6 +87,8 @@ def full_plan() -> LMStudyPlan:
         Method("l2", HIGH_LR, "l2", 0.1),
         Method("lora", LORA_LR, lora_rank=16),
         Method("lora_l2_sp", LORA_LR, "l2_sp", 1.0, lora_rank=16),
+        Method("replay", 1e-4, replay=0.01),
+        Method("replay", 1e-4, replay=0.1),
         Method("replay", HIGH_LR, replay=0.01),
         Method("replay", HIGH_LR, replay=0.1),
     )

@@ -3,10 +3,15 @@ against a lower or higher learning rate at the same target gain, paired by seed)
 
 Matching. A learning rate is what most users turn instead of adding a penalty, so plain fine-tuning over its
 learning-rate grid is the reference curve: per seed, the points (target gain, forgetting) of plain runs, with w0 at
-(0, 0) as the learning rate's limit at zero, less any point another of them beats on both axes (a learning rate so
-high that it loses target accuracy too), joined by straight lines in gain order. Each method's point is compared
-with that curve at its own gain, on its own seed; the differences over seeds give a mean and a 95 % t-interval.
-A point whose gain lies beyond every plain run's is not matched (it gained more than any learning rate did).
+(0, 0) as the learning rate's limit at zero (kept even where a small learning rate beats it on both axes), less any
+plain point another point beats on both axes (a learning rate so high that it loses target accuracy too), joined by
+straight lines in gain order. Each method's point is compared,
+on its own seed, with
+- that curve at its own gain when its gain lies within the curve's ("same gain");
+- the seed's plain run of largest gain when it gained more than every plain run ("best plain"): the method then
+  gained more, so a negative difference means it is better on both axes;
+- w0 itself when it gained nothing ("w0"): w0 is then better on both axes unless the method forgot less than 0.
+The differences over seeds give a mean and a 95 % t-interval.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 COLUMNS = ["seed", "method", "family", "learning_rate", "alpha", "lora_rank", "replay", "mix", "tokens",
            "target_loss", "target_gain", "wikipedia_loss", "news_loss", "wikipedia_forgetting", "news_forgetting",
            "forgetting", "kl", "distance", "train_seconds"]
-MATCHED_COLUMNS = ["method", "seeds", "matched", "target_gain", "forgetting", "plain_forgetting",
+MATCHED_COLUMNS = ["method", "seeds", "compared_with", "target_gain", "gain_difference", "gain_low", "gain_high",
+                   "forgetting", "plain_forgetting",
                    "forgetting_difference", "forgetting_low", "forgetting_high", "kl", "plain_kl", "kl_difference",
                    "kl_low", "kl_high"]
 REFERENCE = "plain"
@@ -58,23 +64,25 @@ def _order(record: dict) -> tuple:
 
 
 def plain_curve(records: list[dict], seed: int, key: str) -> list[tuple[float, float]]:
-    """The seed's plain points and w0 that no other of them beats on both axes, in gain order."""
+    """w0, then the seed's plain points of positive gain that no other point (w0 included) beats on both axes, in
+    gain order."""
     points = [(0.0, 0.0)] + [(r["target_gain"], r[key]) for r in records
                              if r["family"] == REFERENCE and r["seed"] == seed and r["mix"] == 1.0]
-    front = [p for p in points
-             if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points)]
-    return sorted(set(front))
+    front = [p for p in points[1:] if p[0] > 0
+             and not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points)]
+    return [(0.0, 0.0)] + sorted(set(front))  # w0 stays: the curve starts where a learning rate of 0 leaves it
 
 
-def at_gain(curve: list[tuple[float, float]], gain: float) -> float | None:
-    """The curve's value at `gain` by linear interpolation; None beyond its largest gain (below 0: its first piece,
-    extended, as a point that lost target accuracy is compared with w0's neighbourhood)."""
-    if gain > curve[-1][0]:
-        return None
+def reference(curve: list[tuple[float, float]], gain: float) -> tuple[float, str]:
+    """What a point of this gain is compared with on the plain curve, and which kind of comparison it is."""
+    if gain <= 0:
+        return 0.0, "w0"
+    if gain >= curve[-1][0]:
+        return curve[-1][1], "best plain"
     for (g0, v0), (g1, v1) in zip(curve, curve[1:]):
         if gain <= g1:
-            return v0 if g1 == g0 else v0 + (v1 - v0) * (gain - g0) / (g1 - g0)
-    return curve[-1][1]
+            return v0 + (v1 - v0) * (gain - g0) / (g1 - g0), "same gain"
+    raise AssertionError("unreachable: gain lies within the curve")
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -86,7 +94,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def matched(records: list[dict]) -> list[dict]:
-    """One row per method other than plain: its mean point and its paired difference to plain at the same gain."""
+    """One row per method other than plain: its mean point and its paired difference to plain (see `reference`)."""
     rows = []
     for method in sorted({r["method"] + f"@{r['mix']:g}" for r in records if r["family"] != REFERENCE}):
         name, mix = method.rsplit("@", 1)
@@ -95,17 +103,19 @@ def matched(records: list[dict]) -> list[dict]:
         row = {"method": label, "seeds": len(points), "target_gain": statistics.fmean(p["target_gain"] for p in points),
                "forgetting": statistics.fmean(p["forgetting"] for p in points),
                "kl": statistics.fmean(p["kl"] for p in points)}
-        for key, prefix in (("forgetting", "forgetting"), ("kl", "kl")):
-            pairs = [(p[key], at_gain(plain_curve(records, p["seed"], key), p["target_gain"])) for p in points]
-            pairs = [(value, plain) for value, plain in pairs if plain is not None]
-            row["matched"] = len(pairs)
-            if pairs:
-                mean, low, high = interval([value - plain for value, plain in pairs])
-                row[f"plain_{key}"] = statistics.fmean(plain for _, plain in pairs)
-                row[f"{prefix}_difference"], row[f"{prefix}_low"], row[f"{prefix}_high"] = mean, low, high
-            else:
-                for column in (f"plain_{key}", f"{prefix}_difference", f"{prefix}_low", f"{prefix}_high"):
-                    row[column] = float("nan")
+        # The gain of what each point is compared with: its own (on the curve), the best plain run's, or w0's 0.
+        gains = [0.0 if p["target_gain"] <= 0 else min(p["target_gain"], plain_curve(records, p["seed"], "forgetting")[-1][0])
+                 for p in points]
+        row["gain_difference"], row["gain_low"], row["gain_high"] = interval(
+            [p["target_gain"] - gain for p, gain in zip(points, gains)])
+        for key in ("forgetting", "kl"):
+            pairs = [(p[key], *reference(plain_curve(records, p["seed"], key), p["target_gain"])) for p in points]
+            mean, low, high = interval([value - plain for value, plain, _ in pairs])
+            row[f"plain_{key}"] = statistics.fmean(plain for _, plain, _ in pairs)
+            row[f"{key}_difference"], row[f"{key}_low"], row[f"{key}_high"] = mean, low, high
+            if key == "forgetting":
+                kinds = [kind for _, _, kind in pairs]
+                row["compared_with"] = ", ".join(f"{kind} ×{kinds.count(kind)}" for kind in dict.fromkeys(kinds))
         rows.append(row)
     return rows
 
@@ -128,9 +138,7 @@ def _pm(pair: tuple[float, float]) -> str:
 
 
 def _ci(row: dict, prefix: str) -> str:
-    if row[f"{prefix}_difference"] != row[f"{prefix}_difference"]:  # nan: nothing matched
-        return "beyond plain's gains"
-    if row[f"{prefix}_low"] != row[f"{prefix}_low"]:
+    if row[f"{prefix}_low"] != row[f"{prefix}_low"]:  # nan: one seed
         return f"{row[f'{prefix}_difference']:+.4f} (one seed)"
     return f"{row[f'{prefix}_difference']:+.4f} [{row[f'{prefix}_low']:+.4f}, {row[f'{prefix}_high']:+.4f}]"
 
@@ -152,15 +160,21 @@ def markdown(records: list[dict], start: dict | None) -> str:
         lines.append(f"| {row['method']} | {row['seeds']} | {_pm(row['target_gain'])} | "
                      f"{_pm(row['wikipedia_forgetting'])} | {_pm(row['news_forgetting'])} | {_pm(row['forgetting'])} | "
                      f"{_pm(row['kl'])} | {row['distance'][0]:.2f} |")
-    lines += ["", "Against plain fine-tuning at the same target gain (its learning-rate curve through w0, per seed): the "
-              "difference in forgetting and in KL, mean [95 % t-interval] over the matched seeds. Negative: the "
-              "method forgets less than a learning rate that gains as much.", "",
-              "| method | matched seeds | target gain | forgetting | plain at that gain | difference | KL difference |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "Against plain fine-tuning, paired by seed: the difference in forgetting and in KL, mean [95 % "
+              "t-interval]. Compared with: plain's learning-rate curve (through w0) at the method's own gain (same "
+              "gain); plain's run of largest gain when the method gained more than all of them (best plain: a "
+              "negative difference then means better on both axes); w0 when the method gained nothing (w0). "
+              "Gain difference: the method's gain minus that of what it is compared with. Negative differences in "
+              "forgetting and KL: the method forgets less.", "",
+              "| method | compared with | target gain | gain difference | forgetting | plain | difference | "
+              "KL difference |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in matched(records):
-        plain = "—" if row["plain_forgetting"] != row["plain_forgetting"] else f"{row['plain_forgetting']:.4f}"
-        lines.append(f"| {row['method']} | {row['matched']}/{row['seeds']} | {row['target_gain']:.4f} | "
-                     f"{row['forgetting']:.4f} | {plain} | {_ci(row, 'forgetting')} | {_ci(row, 'kl')} |")
+        gain = "0 (same gain)" if row["compared_with"].startswith("same gain") and "," not in row["compared_with"] \
+            else _ci(row, "gain")
+        lines.append(f"| {row['method']} | {row['compared_with']} | {row['target_gain']:.4f} | {gain} | "
+                     f"{row['forgetting']:.4f} | {row['plain_forgetting']:.4f} | {_ci(row, 'forgetting')} | "
+                     f"{_ci(row, 'kl')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +222,33 @@ def write_report(output: Path) -> list[dict]:
     start_path = output / "start.json"
     start = json.loads(start_path.read_text()) if start_path.exists() else None
     write_csv(records, output / "results.csv", COLUMNS)
-    write_csv(matched(records), output / "matched.csv", MATCHED_COLUMNS)
-    (output / "results.md").write_text(markdown(records, start))
-    plot_front(records, output / "front.png")
+    rows = read_csv(output / "results.csv")  # what is committed: the tables recompute from it exactly
+    write_csv(matched(rows), output / "matched.csv", MATCHED_COLUMNS)
+    (output / "results.md").write_text(markdown(rows, start))
+    plot_front(rows, output / "front.png")
     return records
+
+
+#: The committed full study, in a checkout (an installed wheel has none).
+COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "results" / "lm_study_files" / "results.csv"
+COMPARED = ("target_gain", "forgetting", "kl")
+
+
+def against_committed(records: list[dict], committed: Path = COMMITTED) -> list[str]:
+    """Each record beside the committed full study's record of the same run (method, mix and seed), with the largest
+    absolute difference over gain, forgetting and KL; empty when there is no committed file."""
+    if not Path(committed).is_file():
+        return []
+    reference = {(r["method"], r["mix"], r["seed"]): r for r in read_csv(committed)}
+    lines, worst = [], 0.0
+    for record in sorted(records, key=_order):
+        other = reference.get((record["method"], record["mix"], record["seed"]))
+        if other is None:
+            lines.append(f"{record['method']} (m={record['mix']:g}) seed {record['seed']}: not in {committed.name}")
+            continue
+        differences = [abs(record[key] - other[key]) for key in COMPARED]
+        worst = max(worst, *differences)
+        lines.append(f"{record['method']} (m={record['mix']:g}) seed {record['seed']}: "
+                     + ", ".join(f"{key} {record[key]:.4f} (committed {other[key]:.4f})" for key in COMPARED))
+    return lines + [f"largest difference from the committed study: {worst:.4f}"]
+

@@ -78,7 +78,8 @@ def build_base(cache: Path) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError as error:
-        raise ConfigError("Reading the GGUF weights needs the gguf package: pip install 'hf_l2sp[lm-study]'.") from error
+        raise ConfigError("Reading the GGUF weights needs the gguf package: in the checkout, "
+                          "pip install -c constraints.txt \".[lm-study]\"") from error
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
