@@ -127,7 +127,9 @@ class PieceValues(list):
 
     @classmethod
     def of(cls, flat: Tensor, piece) -> "PieceValues":
-        values = cls(flat.split([end - start for _, start, end in piece]))
+        # One segment (a slice of a large tensor, the usual piece on a CPU) is the buffer itself: split() would
+        # cost more than the piece's arithmetic on small pieces.
+        values = cls([flat] if len(piece) == 1 else flat.split([end - start for _, start, end in piece]))
         values.flat = flat
         return values
 
@@ -193,8 +195,16 @@ class GradientSink:
         return self.pending[i][1].view(-1)
 
     def add(self, piece, grads: list[Tensor], scale: Tensor | float) -> None:
-        """Add `scale` x the piece's fp32 `grads` (a 0-d tensor stays on its device: no host sync on a GPU), scaled
-        in place, then added with one multi-tensor operation for the whole piece."""
+        """Add `scale` x the piece's fp32 `grads` (a 0-d tensor stays on its device: no host sync on a GPU): a
+        piece of one segment (a slice of a large tensor) in one fused pass; otherwise scaled in place, then added
+        with one multi-tensor operation for the whole piece."""
+        if len(piece) == 1 and self.returned is None:
+            target = self._view(piece[0][0])[piece[0][1]:piece[0][2]]
+            if isinstance(scale, Tensor):
+                target.addcmul_(grads[0], scale)
+            else:
+                target.add_(grads[0], alpha=scale)
+            return
         if isinstance(grads, PieceValues):
             grads.flat.mul_(scale)
         else:
