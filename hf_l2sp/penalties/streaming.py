@@ -4,8 +4,10 @@ A penalty over the anchored tensors reads w and w0 and, in the backward pass, wr
 tensors at once, that takes fp32 copies of w, w0 and w - w0 as large as the model (2x its bytes in bf16), and the
 autograd way keeps w - w0 from the forward pass to the backward pass, while the activations are alive too. Here:
 
-- the tensors are walked in pieces of at most `piece_budget` values (runs of whole small tensors, processed with one
-  multi-tensor call each; or slices of one large tensor), each computed in fp32 and dropped before the next;
+- the tensors are walked in pieces of at most `piece_budget` values, each computed in fp32 as one flat buffer and
+  dropped before the next, in a few operations whatever the number of tensors in it: on a CPU, runs of whole small
+  tensors or slices of one large tensor (cache-sized); on an accelerator, pieces packed full, about
+  `PIECES_PER_PASS` per pass;
 - the forward pass keeps nothing but references to the tensors; the backward pass recomputes w - w0 per piece;
 - the gradient goes straight into each parameter's `.grad`, piece by piece, once the backward pass has finished (a
   callback on autograd's engine that runs after those DDP and FSDP2 queue, so their averaging and sharding of the
