@@ -1,5 +1,6 @@
-"""Retention runs for the set-up equivalence test (tests/test_forgetting.py): a tiny GPT-2, plain and with LoRA, under
-`none`, trained 2 steps on a global batch of 4 rows as 1 x 4, as 1 x 2 with 2 accumulation steps, or as 2 gloo
+"""Retention runs for the set-up equivalence test (tests/test_forgetting.py): a tiny GPT-2, plain under `none` and with
+LoRA under `l2_sp` (its batched adapter gradient, added to `.grad` after the backward pass, DDP's averaging included),
+trained 2 steps on a global batch of 4 rows as 1 x 4, as 1 x 2 with 2 accumulation steps, or as 2 gloo
 processes x 2 (torchrun); each saves the logged retention metrics (forgetting, KL) of its evaluations.
 
     python -m tests.retention_runs SETUP OUT.pt          (SETUP: single, ga2, ddp; ddp under torchrun)
@@ -41,8 +42,8 @@ def run(setup: str, lora: bool, folder: str) -> list[dict]:
         per_device_train_batch_size=4 if setup == "single" else 2,
         gradient_accumulation_steps=2 if setup == "ga2" else 1, per_device_eval_batch_size=4,
         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", eval_strategy="steps", eval_steps=2,
-        logging_steps=1, disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0, regularizer="none",
-        sp_retention="general", sp_retention_kl="target",
+        logging_steps=1, disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0,
+        regularizer="l2_sp" if lora else "none", sp_alpha=0.5, sp_retention="general", sp_retention_kl="target",
     )
     train = padded_lm_batch(lengths=(8,) * 8, seed=1)
     evals = {"target": padded_lm_batch(lengths=(8,) * 4, seed=3), "general": padded_lm_batch(lengths=(8,) * 4, seed=2)}
