@@ -170,6 +170,9 @@ def test_invocation_commit_says_when_the_code_differs_from_it(tmp_path):
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
                           text=True).stdout.strip()
     assert git_commit(package) == head
+    (package / "extra.py").write_text("y = 1\n")  # a new module, not yet committed
+    assert git_commit(package) == head + "+modified"
+    (package / "extra.py").unlink()
     (package / "__init__.py").write_text("x = 2\n")
     assert git_commit(package) == head + "+modified"
     copy = tmp_path / "copy"  # an untracked copy inside a repository (a venv in a checkout) names no commit

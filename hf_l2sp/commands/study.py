@@ -44,8 +44,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def git_commit(package: Path | None = None) -> str:
-    """The checkout's commit, with "+modified" when the package's code differs from it (a record must not claim a
-    commit whose code did not produce it); "unknown" outside a git checkout (an installed wheel)."""
+    """The checkout's commit, with "+modified" when the package's files differ from it, new ones included (a record
+    must not claim a commit whose code did not produce it); "unknown" outside a git checkout (an installed wheel)."""
     package = package or Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -54,8 +54,8 @@ def git_commit(package: Path | None = None) -> str:
                                  timeout=5, cwd=package).stdout.strip()
         if not head or not tracked:  # not a checkout, or a copy that merely sits inside some repository
             return "unknown"
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], capture_output=True, timeout=5,
-                                 cwd=package).returncode
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                                 timeout=5, cwd=package).stdout.strip()  # edits, and new files not yet committed
         return head + ("+modified" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -76,12 +76,12 @@ def _add_to_grads(per_group) -> None:
         for params, grads in (([t.lora_B for t in group], grad_b), ([t.lora_A for t in group], grad_a)):
             grads = grads.to(params[0].dtype) if params[0].device.type != "cpu" else grads
             views = [g.view_as(p) for g, p in zip(grads.unbind(0), params)]
-            missing = [i for i, p in enumerate(params) if p.grad is None]
-            for i in missing:
-                params[i].grad = views[i].to(params[i].dtype, copy=True)
-            present = [i for i in range(len(params)) if params[i].grad is not None and i not in missing]
+            present = [(p.grad, view) for p, view in zip(params, views) if p.grad is not None]
+            for param, view in zip(params, views):
+                if param.grad is None:
+                    param.grad = view.to(param.dtype, copy=True)
             if present:
-                torch._foreach_add_([params[i].grad for i in present], [views[i] for i in present])
+                torch._foreach_add_(*map(list, zip(*present)))
 
 
 def lora_squared_distance(terms: list[LoraTerm], direct: bool = False) -> Tensor:
