@@ -45,6 +45,10 @@ class CountSecondStep(TrainerCallback):
 
     def __init__(self):
         self.counter, self.ops = None, None
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == 1:
@@ -57,11 +61,12 @@ class CountSecondStep(TrainerCallback):
             self.ops = self.counter.ops
 
 
-def step_ops(model, tmp_path, **sp) -> collections.Counter:
+def step_ops(model, tmp_path, max_steps=2, **sp) -> collections.Counter:
+    """The ops of step 2; of 2 steps (the default), step 2 is the last, which measures Omega's value in every mode."""
     rows = [[5, 6, 7, 8] * 2] * 8
     data = Dataset.from_dict({"input_ids": rows, "labels": rows})
     counter = CountSecondStep()
-    args = SPConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none",
+    args = SPConfig(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, report_to="none",
                     logging_steps=100, save_strategy="no", disable_tqdm=True, use_cpu=True, **sp)
     SPTrainer(model=model, args=args, train_dataset=data, callbacks=[counter]).train()
     return counter.ops
@@ -150,3 +155,25 @@ def test_accelerator_pieces_cost_a_bounded_number_of_ops_per_piece(tmp_path_fact
     per_piece = {"loss": 11, "grad": 8, "decoupled": 8}  # measured: at most 9.7, 7.0 and 7.0
     for (layers, mode), (n_pieces, ops) in counts.items():
         assert ops <= per_piece[mode] * n_pieces, counts
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["grad", "decoupled"])
+def test_a_step_that_does_not_log_computes_no_value(tmp_path_factory, mode, bf16):
+    """Where Omega acts in the optimizer step, a step that neither logs nor ends the run only updates: no norm, no
+    sum; `decoupled` is then one lerp toward w0 for the anchored tensors and one scaling for the head, whatever
+    their number. Step 2 of 3 (logging_steps 100) against the same step of a run without a penalty."""
+    counts = {}
+    for layers in (6, 24):
+        sp = {"regularizer": "l2_sp", "sp_mode": mode, "sp_alpha": 0.1, "sp_beta": 0.1}
+        extra = step_ops(gpt2(layers, bf16), tmp_path_factory.mktemp("sp"), max_steps=3, **sp)
+        extra.subtract(step_ops(gpt2(layers, bf16), tmp_path_factory.mktemp("none"), max_steps=3,
+                                regularizer="none"))
+        counts[layers] = +extra
+    assert counts[6] == counts[24], counts
+    assert not {name for name in counts[24] if "norm" in name or name.startswith("sum")}, counts
+    if mode == "decoupled":
+        # GPT-2's head is tied to the embedding: the anchored set alone, one lerp (tensors all in the model's dtype)
+        assert counts[24] == {"_foreach_lerp_": 1}, counts
+    else:
+        assert 0 < sum(counts[24].values()) <= 8, counts

@@ -58,7 +58,8 @@ class SPMixin(RetentionMixin, PenaltyMixin):
     training device, outside the model), or loads them from `args.sp_reference`. In every training forward it adds the
     regularizer's Omega, once per optimizer step whatever the gradient accumulation and model class; evaluation losses
     never include it. It logs `sp/penalty` (Omega), `sp/head_penalty` (its beta part) and `sp/distance`
-    (||w_S - w0_S||_2), averaged over each logging window. `save_model()` leaves a folder that timm, transformers and
+    (||w_S - w0_S||_2), averaged over each logging window (in `sp_mode` grad/decoupled and under ZeRO-3: their values
+    at the logging step). `save_model()` leaves a folder that timm, transformers and
     the pipeline load, with drift files and a model card.
 
     Args:

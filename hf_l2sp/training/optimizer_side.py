@@ -13,6 +13,10 @@
 pre-hook of the torch optimizer applies `decoupled`, and `grad` when nothing added it earlier in the step; under
 fp16 that hook runs after the gradient scaler has unscaled the gradients, while `add_gradient` before clipping
 multiplies by the scale the gradients still carry.
+
+The value of Omega (and ||w - w0||) is computed only at steps `measure()` asks for (SPTrainer: the steps that log);
+the other steps do the update alone. `decoupled` without Fisher weights is then one multi-tensor pass per group:
+a lerp of w toward w0 by lr * coef (toward 0, a multiplication, for plain L2 and the head).
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ _NEVER = object()
 class OptimizerSidePenalty:
     """Applies a `QuadraticForm` to the parameters of each optimizer param group, once per optimizer step.
 
-    One pass per tensor: d = c (w - a) is computed once and serves both the update and the logged value, which is
-    handed to `on_terms` as `PenaltyTerms` (detached).
+    At a step that measures, d = c (w - a) is computed once per piece and serves both the update and the value,
+    handed to `on_terms` as `PenaltyTerms` (detached); at the other steps `on_terms` gets None (a step was made).
     """
 
-    def __init__(self, mode: str, form: QuadraticForm, params: SPParameters, on_terms=None, step_key=None):
+    def __init__(self, mode: str, form: QuadraticForm, params: SPParameters, on_terms=None, step_key=None,
+                 measure=None):
         if mode not in ("grad", "decoupled"):
             raise ConfigError(f"OptimizerSidePenalty mode must be 'grad' or 'decoupled', got {mode!r}.")
         self.mode, self.form, self.on_terms = mode, form, on_terms
+        self._measure = measure or (lambda: True)  # whether this optimizer step needs Omega's value
         # `grad` is added once per optimizer step: `step_key()` names the step (the trainer's global step), so a
         # step the scaler skipped (no pre-hook call) cannot leave the next one without its gradient.
         self._step_key = step_key or (lambda: None)
@@ -59,11 +65,16 @@ class OptimizerSidePenalty:
         gradients still carry). Does nothing if it was already added in this optimizer step."""
         if self.mode == "grad" and self._added_at != (key := self._step_key()):
             self._added_at = key
-            self._run(optimizer, scale)
+            self._run(optimizer, scale, update=True, measure=self._measure())
+
+    def measure_now(self, optimizer: torch.optim.Optimizer) -> None:
+        """Omega's value at the current weights, handed to `on_terms`, nothing changed: the log's own pass when
+        the last step did not measure (a log the trainer could not foresee)."""
+        self._run(optimizer, 1.0, update=False, measure=True)
 
     def _hook(self, optimizer, _args, _kwargs) -> None:
         if self.mode == "decoupled":
-            self._run(optimizer, 1.0)
+            self._run(optimizer, 1.0, update=True, measure=self._measure())
         else:
             self.add_gradient(optimizer)
         if self.mode == "grad" and self._step_key() is None:  # no step names: one addition per optimizer.step call
@@ -78,9 +89,10 @@ class OptimizerSidePenalty:
         return groups
 
     @torch.no_grad()
-    def _run(self, optimizer, scale: float) -> None:
+    def _run(self, optimizer, scale: float, update: bool, measure: bool) -> None:
         """One pass per group and piece (`penalties.streaming`): w - w0 in fp32 for at most a piece at a time serves
-        the logged distance, the value and the update, which goes straight into `.grad` (grad) or the weights."""
+        the logged distance and the value (when `measure`) and the update (when `update`), which goes straight
+        into `.grad` (grad) or the weights (decoupled)."""
         if self._groups is None:
             self._groups = self._split(optimizer)
         form = self.form
@@ -91,21 +103,33 @@ class OptimizerSidePenalty:
                 targets = [(p, rows) for p, _, _, rows in anchored]
                 weights = [w for _, _, w, _ in anchored] if form.weights is not None else None
                 parts.append(self._pass(group, targets, [a for _, a, _, _ in anchored], weights, form.coef,
-                                        form.use_anchors, scale))
+                                        form.use_anchors, scale, update, measure))
             if head and form.head_coef:
-                parts.append(self._pass(group, head, None, None, form.head_coef, False, scale).roll(1))
-            for part in parts:
+                parts.append(self._pass(group, head, None, None, form.head_coef, False, scale, update, measure))
+                if measure:
+                    parts[-1] = parts[-1].roll(1)
+            for part in parts if measure else ():
                 totals = part if totals is None else totals + part.to(totals.device)
-        if self.on_terms is not None:
+        if self.on_terms is not None and not measure:
+            self.on_terms(None)
+        elif self.on_terms is not None:
             totals = torch.zeros(3, dtype=torch.float64) if totals is None else totals
             anchored_value, head_value, sq_distance = (t.float() for t in totals)
             self.on_terms(PenaltyTerms(penalty=anchored_value + head_value, head_penalty=head_value,
                                        distance=sq_distance.sqrt()))
 
-    def _pass(self, group, targets, anchors, weights, coef: float, pull_to_anchor: bool, scale: float) -> Tensor:
-        """(value, 0, squared distance) of coef/2 sum c (w - a)^2 over `targets`, its update applied on the way."""
+    def _pass(self, group, targets, anchors, weights, coef: float, pull_to_anchor: bool, scale: float,
+              update: bool, measure: bool) -> Tensor | None:
+        """(value, 0, squared distance) of coef/2 sum c (w - a)^2 over `targets` when `measure` (else None), its
+        update applied on the way when `update`."""
         params = [cut(local_view(p), rows) for p, rows in targets]
-        sink = GradientSink(params, targets, True, into_weights=self.mode == "decoupled")
+        if not measure:
+            if update and coef and not (self.mode == "decoupled" and weights is None
+                                        and _decay_toward(params, anchors if pull_to_anchor else None,
+                                                          group["lr"] * coef)):
+                self._update_pass(group, params, targets, anchors, weights, coef, pull_to_anchor, scale)
+            return None
+        sink = GradientSink(params, targets, True, into_weights=self.mode == "decoupled") if update else None
         factor = coef * scale if self.mode == "grad" else -group["lr"] * coef
         squares = NormSums(2)  # sum (w - a)^2, for the log (and the value when unweighted)
         reuse = anchors is not None and pull_to_anchor and weights is None  # the value is 1/2 coef x the distance
@@ -126,11 +150,42 @@ class OptimizerSidePenalty:
                     values.add(pull)
             else:
                 values.add(weighted_roots(pull, weights, piece))
-                scale_by(pull, weights, piece)
-            sink.add(piece, pull, factor)
-        sink.finish()
+                if update:
+                    scale_by(pull, weights, piece)
+            if update:
+                sink.add(piece, pull, factor)
+        if update:
+            sink.finish()
         device = params[0].device if params else None
         sq_distance = squares.total(device) if anchors is not None else torch.zeros((), dtype=torch.float64,
                                                                                      device=device)
         value = 0.5 * coef * values.total(device) if coef else torch.zeros_like(sq_distance)
         return torch.stack([value, torch.zeros_like(value), sq_distance])
+
+    def _update_pass(self, group, params, targets, anchors, weights, coef: float, pull_to_anchor: bool,
+                     scale: float) -> None:
+        """The update alone, piece by piece: c (w - a) in fp32 into `.grad` (grad) or the weights (decoupled)."""
+        sink = GradientSink(params, targets, True, into_weights=self.mode == "decoupled")
+        factor = coef * scale if self.mode == "grad" else -group["lr"] * coef
+        pull_from = anchors if pull_to_anchor else None
+        for piece in device_pieces([p.numel() for p in params], params[0].device if params else None):
+            pull = differences(params, pull_from, piece)
+            if weights is not None:
+                scale_by(pull, weights, piece)
+            sink.add(piece, pull, factor)
+        sink.finish()
+
+
+def _decay_toward(params: list[Tensor], anchors: list[Tensor] | None, rate: float) -> bool:
+    """w <- w - rate (w - a) on every tensor in one multi-tensor op: a lerp toward the anchors, or a scaling toward
+    0 without them. False (nothing done) where an anchor's dtype or device differs from its tensor's (a lerp needs
+    them equal): the caller takes the piecewise pass."""
+    if not params:
+        return True
+    if anchors is None:
+        torch._foreach_mul_(params, 1.0 - rate)
+        return True
+    if any(a.dtype != p.dtype or a.device != p.device for p, a in zip(params, anchors)):
+        return False
+    torch._foreach_lerp_(params, list(anchors), rate)
+    return True

@@ -33,11 +33,17 @@ class PenaltyLog:
         self._weight_count = 0
         self._batch: Tensor | None = None
         self._batch_count = 0
+        self._side_steps = 0
 
     @property
     def weight_evaluations(self) -> int:
         """Evaluations of the weight regularizer in the window (one per optimizer step on the optimizer side)."""
         return self._weight_count
+
+    @property
+    def side_steps(self) -> int:
+        """Optimizer steps in the window where Omega acted outside the loss (sp_mode grad/decoupled, ZeRO-3)."""
+        return self._side_steps
 
     @property
     def empty(self) -> bool:
@@ -51,6 +57,12 @@ class PenaltyLog:
         self._weights = values if self._weights is None else self._weights + values
         self._weight_count += 1
         self._watch(penalty, step)
+
+    def add_side_step(self, terms: PenaltyTerms | None, step: int) -> None:
+        """One optimizer step of a penalty applied outside the loss, with its terms when that step measured them."""
+        self._side_steps += 1
+        if terms is not None:
+            self.add_weight_terms(terms, step)
 
     def add_batch_terms(self, task_loss: Tensor, features: dict[str, Tensor], step: int) -> None:
         """One micro-batch: its task loss (a mean over the micro-batch) and each feature penalty's per-step value."""

@@ -296,7 +296,8 @@ class PenaltyMixin(CheckpointMixin):
             return
         self.sp.detach_optimizer_hook()
         side = OptimizerSidePenalty(self.args.sp_mode, self.sp.regularizer.quadratic_form(), sets,
-                                    on_terms=self._record_side_terms, step_key=lambda: self.state.global_step)
+                                    on_terms=self._record_side_terms, step_key=lambda: self.state.global_step,
+                                    measure=self._step_is_logged)
         self.sp.optimizer_hook = OptimizerHook(optimizer, side, side.attach(optimizer))
 
     def _attach_partitioned_penalty(self) -> None:
@@ -306,10 +307,27 @@ class PenaltyMixin(CheckpointMixin):
             form = self.sp.regularizer.quadratic_form() if active else QuadraticForm(0.0, True, None, 0.0)
             self.sp.partitioned = PartitionedPenalty(self.model_wrapped, self.sp_parameters(), form,
                                                      self.sp.reference, self.args.sp_mode, self._record_side_terms,
-                                                     active)
+                                                     active, measure=self._step_is_logged)
 
-    def _record_side_terms(self, terms: PenaltyTerms) -> None:
-        self.sp.log.add_weight_terms(terms, self.state.global_step + 1)
+    def _record_side_terms(self, terms: PenaltyTerms | None) -> None:
+        self.sp.log.add_side_step(terms, self.state.global_step + 1)
+
+    def _step_is_logged(self) -> bool:
+        """Whether the optimizer step now running ends in a training log (Trainer's own rule: the first step with
+        logging_first_step, every logging_steps-th) or ends the run. Where Omega acts outside the loss, only these
+        steps compute its value; a log at another step (epoch strategy, a callback) measures it then."""
+        step, args = self.state.global_step + 1, self.args
+        every = self.state.logging_steps
+        return bool((step == 1 and args.logging_first_step)
+                    or (args.logging_strategy == "steps" and every and step % every == 0)
+                    or step >= self.state.max_steps)
+
+    def _measure_side_now(self) -> None:
+        """The log's own pass at the current weights, for a window whose steps measured nothing."""
+        if self.sp.partitioned is not None:
+            self.sp.log.add_weight_terms(self.sp.partitioned.measure(), self.state.global_step)
+        elif self.sp.optimizer_hook is not None:
+            self.sp.optimizer_hook.side.measure_now(self.sp.optimizer_hook.optimizer)
 
     def _add_penalty_gradient(self) -> None:
         """sp_mode 'grad': add Omega's gradient before Trainer clips or measures the gradients, as 'loss' has it."""
@@ -355,15 +373,19 @@ class PenaltyMixin(CheckpointMixin):
             )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # 'grad'/'decoupled' (and every mode under ZeRO-3): Omega is applied outside the returned loss
+        # 'grad'/'decoupled' (and every mode under ZeRO-3): Omega is applied outside the returned loss, and its value
+        # is computed at the step that logs (not averaged over the window): it stands for every step of the window
         side = self.sp.where != "loss"
+        active = self.sp.regularizer.active
         if not self.sp.log.empty and "loss" in logs:  # a training log: flush the window's averages
-            if not self.sp.regularizer.active and (self.sp.partitioned or not side):  # the distance, measured now
+            if not active and (self.sp.partitioned or not side):  # the distance, measured now
                 terms = (self.sp.partitioned.measure() if self.sp.partitioned
                          else self.sp.regularizer(self.sp_parameters()))
                 self.sp.log.add_weight_terms(terms, self.state.global_step)
+            elif side and active and self.sp.log.side_steps and not self.sp.log.weight_evaluations:
+                self._measure_side_now()
             self._check_penalty_finite()
-            steps = self.sp.log.weight_evaluations  # one per optimizer step on the optimizer side
+            steps = self.sp.log.side_steps  # optimizer steps in the window
             parts = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)
             if side:  # so that 'loss' = sp/task_loss + sp/penalty here too
                 logs["loss"] += parts["sp/penalty"]
@@ -371,8 +393,10 @@ class PenaltyMixin(CheckpointMixin):
                 self.sp.side_penalty_steps += steps
             logs.update(parts)
         if side and "train_loss" in logs:  # Trainer's mean loss over this train() call's steps: add Omega's mean
-            steps = self.sp.log.weight_evaluations  # steps after the last log, still in the window
+            steps = self.sp.log.side_steps  # steps after the last log, still in the window
             if steps:
+                if active and not self.sp.log.weight_evaluations:
+                    self._measure_side_now()
                 flushed = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)
                 self.sp.side_penalty_total += flushed["sp/penalty"] * steps
                 self.sp.side_penalty_steps += steps

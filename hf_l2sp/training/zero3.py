@@ -112,7 +112,7 @@ class PartitionedPenalty:
     """
 
     def __init__(self, engine, params: SPParameters, form: QuadraticForm, reference: Reference, mode: str,
-                 on_terms, active: bool):
+                 on_terms, active: bool, measure=None):
         import deepspeed.utils as ds_utils
 
         missing = [name for name in _PARTITION_API if not callable(getattr(ds_utils, name, None))]
@@ -127,6 +127,7 @@ class PartitionedPenalty:
         device = self.parts[0].param.ds_tensor.device if self.parts else None
         self._budget = piece_budget([p.hi - p.lo for p in self.parts], device)  # values per piece, as elsewhere
         self.active = active
+        self._measure = measure or (lambda: True)  # whether this optimizer step needs Omega's value
         if not callable(getattr(engine, "is_gradient_accumulation_boundary", None)):
             raise RuntimeError("The DeepSpeed engine has no is_gradient_accumulation_boundary(): cannot tell when an "
                                "optimizer step happens.")
@@ -155,7 +156,7 @@ class PartitionedPenalty:
 
     def _step(self, *args, **kwargs):
         if self.active and self.engine.is_gradient_accumulation_boundary():
-            terms = self.apply(update=True)
+            terms = self.apply(update=True, measure=self._measure())
             if self.on_terms is not None:
                 self.on_terms(terms)
         return self._original_step(*args, **kwargs)
@@ -165,8 +166,9 @@ class PartitionedPenalty:
         return self.apply(update=False)
 
     @torch.no_grad()
-    def apply(self, update: bool) -> PenaltyTerms:
-        """Local (value, head value, squared distance), adding the gradient or the decoupled step when `update`.
+    def apply(self, update: bool, measure: bool = True) -> PenaltyTerms | None:
+        """Local (value, head value, squared distance), adding the gradient or the decoupled step when `update`;
+        None, and no sums taken, unless `measure`.
 
         Sums as the other passes take them (`NormSums`: fp32 rows, float64 across, no host sync per piece); for
         l2_sp the distance's sum of squares is the value's."""
@@ -192,15 +194,17 @@ class PartitionedPenalty:
                     w = master[lo:hi].float()
                     if not part.new:
                         to_anchor = w - part.anchor[lo:hi]
-                        distance.add([to_anchor])
+                        if measure:
+                            distance.add([to_anchor])
                     if not coef:
                         continue
                     pull = to_anchor if not part.new and form.use_anchors else w
                     if part.weights is not None:
                         c = part.weights[lo:hi].float()
-                        sums.add([torch.sqrt(c) * pull])
+                        if measure:
+                            sums.add([torch.sqrt(c) * pull])
                         pull = c * pull
-                    elif sums is not distance:
+                    elif sums is not distance and measure:
                         sums.add([pull])
                     if target is not None:
                         target[lo:hi].add_(pull, alpha=-lr * coef if self.mode == "decoupled" else coef)
@@ -209,6 +213,8 @@ class PartitionedPenalty:
                     self.api.safe_set_local_fp32_param(param, target)
                 else:
                     self.api.safe_set_local_grad(param, target)
+        if not measure:
+            return None
         zero = torch.zeros((), dtype=torch.float64, device=device)
         anchored_value = 0.5 * form.coef * anchored.total(device) if form.coef else zero
         head_value = 0.5 * form.head_coef * head.total(device) if form.head_coef else zero
