@@ -129,3 +129,8 @@ def test_a_log_the_trainer_could_not_foresee_measures_omega_then(tmp_path):
     assert logs[3]["sp/penalty"] == pytest.approx(omega[4], rel=1e-5)
     assert logs[6]["sp/penalty"] == pytest.approx(omega[6], rel=1e-5)
     assert omega[3] != pytest.approx(omega[4], rel=1e-3)  # the two points differ: the check can fail
+    # train_loss: each logged value for the 3 steps of its window (the log's own pass counts no step)
+    final = {name: next(log["train_loss"] for log in t.state.log_history if "train_loss" in log)
+             for name, t in (("loss", every_step), ("epoch", trainer))}
+    counted = 3 * omega[4] + 3 * omega[6]
+    assert final["epoch"] == pytest.approx(final["loss"] - sum(omega.values()) / 6 + counted / 6, rel=1e-5)

@@ -67,10 +67,10 @@ class OptimizerSidePenalty:
             self._added_at = key
             self._run(optimizer, scale, update=True, measure=self._measure())
 
-    def measure_now(self, optimizer: torch.optim.Optimizer) -> None:
-        """Omega's value at the current weights, handed to `on_terms`, nothing changed: the log's own pass when
-        the last step did not measure (a log the trainer could not foresee)."""
-        self._run(optimizer, 1.0, update=False, measure=True)
+    def measure_now(self, optimizer: torch.optim.Optimizer) -> PenaltyTerms:
+        """Omega's value at the current weights, nothing changed and no step counted: the log's own pass when the
+        steps of its window did not measure (a log the trainer could not foresee)."""
+        return self._run(optimizer, 1.0, update=False, measure=True)
 
     def _hook(self, optimizer, _args, _kwargs) -> None:
         if self.mode == "decoupled":
@@ -89,7 +89,7 @@ class OptimizerSidePenalty:
         return groups
 
     @torch.no_grad()
-    def _run(self, optimizer, scale: float, update: bool, measure: bool) -> None:
+    def _run(self, optimizer, scale: float, update: bool, measure: bool) -> PenaltyTerms | None:
         """One pass per group and piece (`penalties.streaming`): w - w0 in fp32 for at most a piece at a time serves
         the logged distance and the value (when `measure`) and the update (when `update`), which goes straight
         into `.grad` (grad) or the weights (decoupled)."""
@@ -110,13 +110,15 @@ class OptimizerSidePenalty:
                     parts[-1] = parts[-1].roll(1)
             for part in parts if measure else ():
                 totals = part if totals is None else totals + part.to(totals.device)
-        if self.on_terms is not None and not measure:
-            self.on_terms(None)
-        elif self.on_terms is not None:
+        terms = None
+        if measure:
             totals = torch.zeros(3, dtype=torch.float64) if totals is None else totals
             anchored_value, head_value, sq_distance = (t.float() for t in totals)
-            self.on_terms(PenaltyTerms(penalty=anchored_value + head_value, head_penalty=head_value,
-                                       distance=sq_distance.sqrt()))
+            terms = PenaltyTerms(penalty=anchored_value + head_value, head_penalty=head_value,
+                                 distance=sq_distance.sqrt())
+        if update and self.on_terms is not None:  # one optimizer step made, with its terms when it measured
+            self.on_terms(terms)
+        return terms
 
     def _pass(self, group, targets, anchors, weights, coef: float, pull_to_anchor: bool, scale: float,
               update: bool, measure: bool) -> Tensor | None:

@@ -111,3 +111,13 @@ class PenaltyLog:
         logs["sp/penalty"] = round(weight_penalty + feature_total, 8)
         self.reset()
         return logs
+
+
+def step_is_logged(state, args) -> bool:
+    """Whether the optimizer step now running (Trainer `state`, `args`) ends in a training log by Trainer's own rule
+    (the first step with logging_first_step, every logging_steps-th) or ends the run. Where Omega acts outside the
+    loss, only these steps compute its value; a log at another step (epoch strategy, a callback) measures it then."""
+    step, every = state.global_step + 1, state.logging_steps
+    return bool((step == 1 and args.logging_first_step)
+                or (args.logging_strategy == "steps" and every and step % every == 0)
+                or step >= state.max_steps)

@@ -65,6 +65,14 @@ class PenaltyState:
         return self.where == "partitions"
     ready: bool = field(default=False)  # set once Trainer.__init__ has finished (model_init may call back earlier)
 
+    def measure_outside_loss(self, step: int) -> None:
+        """Omega at the current weights into the log, nothing changed and no step counted: a log's own pass where
+        Omega acts outside the loss and the window's steps did not measure it."""
+        if self.partitioned is not None:
+            self.log.add_weight_terms(self.partitioned.measure(), step)
+        elif self.optimizer_hook is not None:
+            self.log.add_weight_terms(self.optimizer_hook.side.measure_now(self.optimizer_hook.optimizer), step)
+
     @classmethod
     def from_config(cls, args, regularizer: Regularizer | None = None) -> PenaltyState:
         """The penalties `args` (SPArguments) name; `regularizer` replaces the weight penalty when given."""

@@ -37,6 +37,7 @@ from .compat import check_mixin_order, check_trainer_hooks, loss_comes_from_mode
 from .config import SPArguments, SPConfig
 from .coverage import log_coverage
 from .optimizer_side import OptimizerSidePenalty
+from .penalty_log import step_is_logged
 from .state import OptimizerHook, PenaltyState
 from .topology import check_supported
 from .zero3 import PartitionedPenalty, check_zero3_supported, is_partitioned, partition_anchor, penalty_route
@@ -297,7 +298,7 @@ class PenaltyMixin(CheckpointMixin):
         self.sp.detach_optimizer_hook()
         side = OptimizerSidePenalty(self.args.sp_mode, self.sp.regularizer.quadratic_form(), sets,
                                     on_terms=self._record_side_terms, step_key=lambda: self.state.global_step,
-                                    measure=self._step_is_logged)
+                                    measure=lambda: step_is_logged(self.state, self.args))
         self.sp.optimizer_hook = OptimizerHook(optimizer, side, side.attach(optimizer))
 
     def _attach_partitioned_penalty(self) -> None:
@@ -307,27 +308,10 @@ class PenaltyMixin(CheckpointMixin):
             form = self.sp.regularizer.quadratic_form() if active else QuadraticForm(0.0, True, None, 0.0)
             self.sp.partitioned = PartitionedPenalty(self.model_wrapped, self.sp_parameters(), form,
                                                      self.sp.reference, self.args.sp_mode, self._record_side_terms,
-                                                     active, measure=self._step_is_logged)
+                                                     active, measure=lambda: step_is_logged(self.state, self.args))
 
     def _record_side_terms(self, terms: PenaltyTerms | None) -> None:
         self.sp.log.add_side_step(terms, self.state.global_step + 1)
-
-    def _step_is_logged(self) -> bool:
-        """Whether the optimizer step now running ends in a training log (Trainer's own rule: the first step with
-        logging_first_step, every logging_steps-th) or ends the run. Where Omega acts outside the loss, only these
-        steps compute its value; a log at another step (epoch strategy, a callback) measures it then."""
-        step, args = self.state.global_step + 1, self.args
-        every = self.state.logging_steps
-        return bool((step == 1 and args.logging_first_step)
-                    or (args.logging_strategy == "steps" and every and step % every == 0)
-                    or step >= self.state.max_steps)
-
-    def _measure_side_now(self) -> None:
-        """The log's own pass at the current weights, for a window whose steps measured nothing."""
-        if self.sp.partitioned is not None:
-            self.sp.log.add_weight_terms(self.sp.partitioned.measure(), self.state.global_step)
-        elif self.sp.optimizer_hook is not None:
-            self.sp.optimizer_hook.side.measure_now(self.sp.optimizer_hook.optimizer)
 
     def _add_penalty_gradient(self) -> None:
         """sp_mode 'grad': add Omega's gradient before Trainer clips or measures the gradients, as 'loss' has it."""
@@ -383,7 +367,7 @@ class PenaltyMixin(CheckpointMixin):
                          else self.sp.regularizer(self.sp_parameters()))
                 self.sp.log.add_weight_terms(terms, self.state.global_step)
             elif side and active and self.sp.log.side_steps and not self.sp.log.weight_evaluations:
-                self._measure_side_now()
+                self.sp.measure_outside_loss(self.state.global_step)
             self._check_penalty_finite()
             steps = self.sp.log.side_steps  # optimizer steps in the window
             parts = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)
@@ -396,7 +380,7 @@ class PenaltyMixin(CheckpointMixin):
             steps = self.sp.log.side_steps  # steps after the last log, still in the window
             if steps:
                 if active and not self.sp.log.weight_evaluations:
-                    self._measure_side_now()
+                    self.sp.measure_outside_loss(self.state.global_step)
                 flushed = self.sp.log.flush(weights_sharded=self.sp.weights_sharded)
                 self.sp.side_penalty_total += flushed["sp/penalty"] * steps
                 self.sp.side_penalty_steps += steps
