@@ -15,7 +15,8 @@ from hf_l2sp.cli import main as cli_main
 from hf_l2sp.lm_study import Budget, Corpora, LMStudy, LMStudyPlan, Method, full_plan, quick_plan, write_report
 from hf_l2sp.lm_study.data import StudyData, token_blocks
 from hf_l2sp.lm_study.measure import mean_loss
-from hf_l2sp.lm_study.report import interval, matched, plain_curve, reference
+from hf_l2sp.lm_study.report import matched, plain_curve, reference
+from hf_l2sp.utils.intervals import interval
 from hf_l2sp.lm_study.texts import bible_chapters, wiki_articles, wiki_plain
 from tests.text_models import WORDS, save_llama_lm
 

@@ -150,18 +150,40 @@ def test_readme_names_the_two_setup_commands(command):
     assert command in README.read_text()
 
 
-@pytest.mark.slow
 def test_demo_command_runs_offline(tmp_path, monkeypatch, capsys):
-    """`./dev demo` end to end (about a minute): both runs finish, print test accuracy and leave loadable folders."""
+    """`./dev demo` end to end at a reduced size: every run finishes and leaves a loadable folder, and what it prints
+    is compact: a header, one line per run, the table (no Trainer log dicts, no progress bars)."""
     from hf_l2sp.cli import main
 
     monkeypatch.setenv("HF_L2SP_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--output_dir", str(tmp_path / "demo"), "--epochs", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "l2_sp" in out and "test accuracy" in out
-    for run in ("l2_sp", "l2"):
-        assert (tmp_path / "demo" / run / "model.safetensors").is_file()
-        assert (tmp_path / "demo" / run / "README.md").is_file()
+    assert main(["demo", "--output_dir", str(tmp_path / "demo"), "--samples_per_class", "2", "--epochs", "1",
+                 "--seeds", "0", "1"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1 + 4 + 3, captured.out
+    assert lines[0].startswith("EfficientNet-Lite0 (ImageNet) -> digits, 2 images per class")
+    assert [line.split()[:3] for line in lines[1:5]] == [["seed", "0", "l2_sp"], ["seed", "0", "l2"],
+                                                          ["seed", "1", "l2_sp"], ["seed", "1", "l2"]]
+    assert lines[6].startswith("test accuracy") and lines[7].startswith("backbone drift")
+    assert "{'loss'" not in captured.out + captured.err and "it/s]" not in captured.err
+    for seed in ("seed0", "seed1"):
+        for run in ("l2_sp", "l2"):
+            assert (tmp_path / "demo" / seed / run / "model.safetensors").is_file()
+            assert (tmp_path / "demo" / seed / run / "README.md").is_file()
+
+
+def test_demo_report_gives_means_and_the_paired_difference_with_its_interval():
+    from hf_l2sp.commands.demo import report
+
+    results = {"l2_sp": {"test accuracy": [0.80, 0.84, 0.82], "backbone drift": [0.02, 0.03, 0.025]},
+               "l2": {"test accuracy": [0.30, 0.26, 0.28], "backbone drift": [0.20, 0.21, 0.19]}}
+    table = report(results).splitlines()
+    assert table[0].split()[:4] == ["mean", "of", "3", "seed(s)"]
+    # differences 0.50, 0.58, 0.54: mean 0.54, sd 0.04, half-width 4.303 x 0.04 / sqrt(3) = 0.0994
+    assert table[1].split() == ["test", "accuracy", "0.8200", "0.2800", "+0.5400", "(+0.4406", "to", "+0.6394)"]
+    assert table[2].split()[:5] == ["backbone", "drift", "0.0250", "0.2000", "-0.1750"]
+    single = report({name: {k: v[:1] for k, v in figures.items()} for name, figures in results.items()})
+    assert "(" not in single.splitlines()[1]  # one seed: no interval
 
 
 def python_block(*needles: str) -> str:
@@ -266,3 +288,128 @@ def test_quick_start_as_written_ends_near_the_accuracy_the_docs_state(tmp_path, 
     exec(compile(quick_start(), str(README), "exec"), {})
     accuracy = float(re.search(r"'test_accuracy': ([0-9.]+)", capsys.readouterr().out).group(1))
     assert accuracy > 0.8
+
+
+#: A duration stated in prose or a comment: "4.5 min", "about a minute", "minutes", "65 s", "2 hours".
+DURATION = re.compile(r"\b\d+(?:\.\d+)?\s*(?:min|minutes?|hours?)\b|\babout a minute\b|\bminutes\b"
+                      r"|\b\d+(?:\.\d+)?\s*s\b(?!\w)")
+MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+WHEN = re.compile(rf"(?:{MONTHS})\s+20\d\d|20\d\d-\d\d-\d\d")
+
+
+def test_every_stated_time_says_when_it_was_measured():
+    """A time the README or the docs state (how long a command, a run or the suite takes) comes with the date it was
+    measured (benchmarks/stated_times.py and the other benchmarks measure them), in the same paragraph or block,
+    or for a block of printed output, in the paragraph that introduces it."""
+    undated = []
+    for page in PAGES:
+        previous = ""
+        for paragraph in re.split(r"\n\s*\n", page.read_text()):
+            # a program's printed output (a fence without a language) is dated by the paragraph that introduces it
+            dated = WHEN.search(paragraph) or (paragraph.startswith("```\n") and WHEN.search(previous))
+            previous = paragraph
+            if (found := DURATION.search(paragraph)) and not dated:
+                undated.append(f"{page.relative_to(ROOT)}: ...{paragraph[max(0, found.start() - 60):found.end()]}")
+    assert not undated, "\n".join(undated)
+
+
+def installation_demo_block() -> str:
+    page = (ROOT / "docs" / "installation.md").read_text()
+    section = page.split("## What `./dev demo` prints", 1)[1]
+    return re.search(r"```\n(EfficientNet-Lite0.*?)```", section, flags=re.S).group(1)
+
+
+def test_the_demo_output_on_the_installation_page_is_what_the_demo_prints():
+    """The block the installation page shows: the header, one line per run, and the table that `report` makes of
+    those lines (so the page cannot show figures the demo would not print from its own runs)."""
+    from hf_l2sp.commands.demo import report
+
+    lines = installation_demo_block().strip().splitlines()
+    runs = [line.split() for line in lines if line.startswith("seed ")]
+    results = {name: {"test accuracy": [], "backbone drift": []} for name in ("l2_sp", "l2")}
+    for words in runs:
+        results[words[2]]["test accuracy"].append(float(words[5]))
+        results[words[2]]["backbone drift"].append(float(words[8]))
+    assert lines[0].startswith("EfficientNet-Lite0 (ImageNet) -> digits, 10 images per class")
+    assert len(runs) == 6 and all(line.startswith("seed ") for line in lines[1:7])
+    # the runs' lines are rounded to 4 decimals, so the recomputed table may differ in the last digit
+    shown, recomputed = lines[7:], report(results).splitlines()
+    assert len(shown) == len(recomputed) == 3 and shown[0] == recomputed[0]
+    for got, want in zip(shown[1:], recomputed[1:]):
+        got, want = got.replace("(", " ").replace(")", " ").split(), want.replace("(", " ").replace(")", " ").split()
+        assert got[:2] == want[:2] and [float(x) for x in got[2:] if x != "to"] == pytest.approx(
+            [float(x) for x in want[2:] if x != "to"], abs=2e-4)
+
+
+#: What the docs say the default demo prints, on any machine of this kind (2 CPU cores): the installation page.
+DEMO_RANGES = {"l2_sp": (0.75, 0.90), "l2": (0.10, 0.35), "gap": 0.40}
+
+
+def test_the_docs_state_the_demo_ranges_the_slow_test_checks():
+    text = " ".join((ROOT / "docs" / "installation.md").read_text().split())
+    (sp_low, sp_high), (l2_low, l2_high) = DEMO_RANGES["l2_sp"], DEMO_RANGES["l2"]
+    assert f"`l2_sp` between {sp_low:.2f} and {sp_high:.2f}" in text
+    assert f"`l2` between {l2_low:.2f} and {l2_high:.2f}" in text
+    assert f"a gap of at least +{DEMO_RANGES['gap']:.2f}" in text
+
+
+@pytest.mark.slow
+def test_the_default_demo_prints_figures_in_the_stated_ranges(tmp_path, monkeypatch, capsys):
+    """`./dev demo` as shipped (3 seeds, 10 images per class, 15 epochs): the mean test accuracies and the paired gap
+    fall where the installation page says, and the gap's 95 % interval lies above 0 (outside the demo's noise)."""
+    from hf_l2sp.cli import main
+
+    monkeypatch.setenv("HF_L2SP_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--output_dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("test accuracy"))
+    drift = next(line for line in out.splitlines() if line.startswith("backbone drift"))
+    sp, l2, gap, low = (float(x.strip("()")) for x in row.split()[2:6])
+    assert float(drift.split()[2]) <= 0.035  # "near 0.03"
+    assert DEMO_RANGES["l2_sp"][0] <= sp <= DEMO_RANGES["l2_sp"][1]
+    assert DEMO_RANGES["l2"][0] <= l2 <= DEMO_RANGES["l2"][1]
+    assert gap >= DEMO_RANGES["gap"] and low > 0
+
+
+def test_the_two_demo_recipes_differ_only_in_the_regularizer():
+    from hf_l2sp.commands.demo import RUNS
+    from hf_l2sp.pipeline.options import load_recipe
+
+    (sp_name, sp_recipe), (l2_name, l2_recipe) = RUNS
+    sp, l2 = load_recipe(sp_recipe), load_recipe(l2_recipe)
+    assert (sp.pop("regularizer"), l2.pop("regularizer")) == (sp_name, l2_name) == ("l2_sp", "l2")
+    sp.pop("output_dir"), l2.pop("output_dir")
+    assert sp == l2
+
+
+def test_the_demo_silences_library_chatter_but_not_warnings_and_restores_it(capsys):
+    import logging
+
+    import transformers
+
+    from hf_l2sp.commands.demo import quiet_libraries
+    from hf_l2sp.utils.logs import announce
+
+    package = logging.getLogger("hf_l2sp")
+    before = (transformers.logging.get_verbosity(), package.level, list(package.handlers))
+    with quiet_libraries():
+        announce(logging.getLogger("hf_l2sp"), "construction line")
+        logging.getLogger("hf_l2sp.train").warning("a warning the user must see")
+        assert transformers.logging.get_verbosity() == transformers.logging.ERROR
+    err = capsys.readouterr().err
+    assert "a warning the user must see" in err and "construction line" not in err
+    assert (transformers.logging.get_verbosity(), package.level, list(package.handlers)) == before
+
+
+def test_the_demo_drops_only_deepspeeds_no_gpu_notice(capsys):
+    import logging
+
+    from hf_l2sp.commands.demo import quiet_libraries
+
+    log = logging.getLogger("DeepSpeed")
+    with quiet_libraries():
+        notice = log.makeRecord("DeepSpeed", logging.WARNING, "x", 1, "Setting accelerator to CPU. If you ...", (),
+                                None)
+        other = log.makeRecord("DeepSpeed", logging.WARNING, "x", 1, "something else", (), None)
+        assert not log.filter(notice) and log.filter(other)
+    assert log.filter(notice)

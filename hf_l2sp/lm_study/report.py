@@ -21,6 +21,8 @@ import json
 import statistics
 from pathlib import Path
 
+from ..utils.intervals import interval
+
 COLUMNS = ["seed", "method", "family", "learning_rate", "alpha", "lora_rank", "replay", "mix", "tokens",
            "target_loss", "target_gain", "wikipedia_loss", "news_loss", "wikipedia_forgetting", "news_forgetting",
            "forgetting", "kl", "distance", "train_seconds"]
@@ -29,8 +31,6 @@ MATCHED_COLUMNS = ["method", "seeds", "compared_with", "target_gain", "gain_diff
                    "forgetting_difference", "forgetting_low", "forgetting_high", "kl", "plain_kl", "kl_difference",
                    "kl_low", "kl_high"]
 REFERENCE = "plain"
-# Two-sided 95 % Student t quantiles by degrees of freedom (n - 1 seeds).
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def load_records(output: Path) -> list[dict]:
@@ -83,14 +83,6 @@ def reference(curve: list[tuple[float, float]], gain: float) -> tuple[float, str
         if gain <= g1:
             return v0 + (v1 - v0) * (gain - g0) / (g1 - g0), "same gain"
     raise AssertionError("unreachable: gain lies within the curve")
-
-
-def interval(values: list[float]) -> tuple[float, float, float]:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def matched(records: list[dict]) -> list[dict]:

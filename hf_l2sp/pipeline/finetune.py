@@ -13,6 +13,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..artefacts.hub import push_output
 from ..artefacts.trainer import SPTrainer
@@ -89,8 +90,12 @@ def _remove_if_new_and_empty(folder: Path, existed: bool) -> None:
         folder.rmdir()
 
 
-def finetune(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) -> dict[str, float]:
+def finetune(model_args: ModelArguments, data_args: DataArguments, args: SPConfig,
+             quiet: bool = False) -> dict[str, float]:
     """Train, save (weights, drift, model card), evaluate on validation and test, and push if asked.
+
+    `quiet` prints nothing of the run (no Trainer log dicts, progress bars or metric tables): the caller reports
+    the returned metrics itself, as `hf-l2sp demo` does. Logs and metrics are still written to the output folder.
 
     Everything is loaded and checked before the output folder is touched. A push happens once, at the end, after
     the local folder is complete (Trainer would create the Hub repo at construction and push at every save).
@@ -108,6 +113,9 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, args: SPConfi
     except Exception:
         _remove_if_new_and_empty(Path(args.output_dir), existed)  # Trainer creates it; a refused run leaves nothing
         raise
+    if quiet:
+        for printer in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(printer)
     resume = args.resume_from_checkpoint
     resume = True if isinstance(resume, str) and resume.lower() in ("true", "last") else resume
     metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
@@ -116,7 +124,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, args: SPConfi
     metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     if "test" in run.splits:
         metrics.update(trainer.evaluate(run.splits["test"], metric_key_prefix="test"))
-    trainer.log_metrics("all", metrics)
+    if not quiet:
+        trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
     trainer.create_model_card()  # now with the test results
     if push:
