@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from datasets import Dataset
 
 from hf_l2sp import SPConfig, SPTrainer
 
@@ -134,3 +135,33 @@ def test_a_log_the_trainer_could_not_foresee_measures_omega_then(tmp_path):
              for name, t in (("loss", every_step), ("epoch", trainer))}
     counted = 3 * omega[4] + 3 * omega[6]
     assert final["epoch"] == pytest.approx(final["loss"] - sum(omega.values()) / 6 + counted / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("sp_mode", ["grad", "decoupled"])
+def test_side_modes_log_omega_of_the_logging_step_on_a_causal_lm(tmp_path, sp_mode):
+    """The same promise on a native transformers causal LM (GPT-2, tied embedding): with a log every 2 steps,
+    sp/penalty is the loss path's value at the logging step and loss = sp/task_loss + sp/penalty."""
+    from transformers import GPT2LMHeadModel
+
+    from .text_models import gpt2_config
+
+    rows = [[5, 6, 7, 8, 9, 10, 11, 12]] * 12
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+    def lm_run(name, **overrides):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(gpt2_config())
+        reference = perturbed_reference(model, scale=0.05)
+        args = sp_config(tmp_path / name, **{"max_steps": 4, "sp_alpha": 2.0, "per_device_train_batch_size": 2,
+                                             **overrides})
+        trainer = SPTrainer(model=model, args=args, train_dataset=data, reference=reference)
+        trainer.train()
+        return [log for log in trainer.state.log_history if "sp/penalty" in log]
+
+    omega = {log["step"]: log["sp/penalty"] for log in lm_run("loss", logging_steps=1)}
+    logs = lm_run(sp_mode, sp_mode=sp_mode, logging_steps=2)
+    assert [log["step"] for log in logs] == [2, 4]
+    for log in logs:
+        assert log["sp/penalty"] == pytest.approx(omega[log["step"]], rel=1e-5)
+        assert log["loss"] == pytest.approx(log["sp/task_loss"] + log["sp/penalty"], rel=1e-6)
+    assert omega[1] != pytest.approx(omega[2], rel=1e-4)  # a window average would differ: the check can fail
